@@ -1,0 +1,217 @@
+"""cprd's command line: a thin click shell over the pipeline, teacher and student packages.
+
+Each command builds its arguments and calls one package function. Heavy imports (torch, faiss,
+open_clip, polars) happen inside the commands so `cprd --help` answers instantly. Errors raised
+inside the packages become one `Error: ...` line and exit code 1 (`cprd --debug` shows the
+traceback); logs and progress bars go to stderr, so `--json` output on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+PACKAGES = ("pipeline", "teacher", "student")
+
+
+class CprdGroup(click.Group):
+    """A click group that turns any exception from a command into one clean error line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(_one_line(e)) from e
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, (ValueError, OSError)):
+        msg = str(e)
+    else:  # a bug, not bad input: say so rather than dress it up as a usage error
+        msg = f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"
+    return " ".join(msg.split("\n"))
+
+
+def _emit(summary: dict, as_json: bool, human: str) -> None:
+    """End a stage command: one JSON line with --json, else a short human summary."""
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        click.echo(human)
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="End by printing one JSON line summarising the run."
+)
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
+)
+
+
+@click.group(cls=CprdGroup, context_settings=CONTEXT)
+@click.version_option(package_name="cprd", prog_name="cprd")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """cprd: distil a cross-encoder into a fast dual encoder, scoring the teacher only once.
+
+    Stages: mine-candidates -> score-teacher -> train-student, around one on-disk contract.
+    """
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    for pkg in PACKAGES:
+        logging.getLogger(pkg).setLevel(logging.INFO)
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+
+@cli.command("import-data")
+@click.option("--karpathy", type=click.Path(path_type=Path), help="Karpathy-split JSON file.")
+@click.option("--csv", "csv_file", type=click.Path(path_type=Path), help="CSV of image, caption rows.")
+@click.option("--jsonl", type=click.Path(path_type=Path), help="JSON-lines of image, caption rows.")
+@click.option("--parquet", type=click.Path(path_type=Path), help="Parquet of image, caption rows.")
+@click.option(
+    "--images", type=click.Path(path_type=Path),
+    help="Root of the image files. Required with --karpathy; tables default to their own folder.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset dir to write.")
+@click.option("--image-col", default="image", show_default=True, help="Table column: image path.")
+@click.option("--caption-col", default="caption", show_default=True, help="Table column: caption.")
+@click.option("--split-col", default=None, help="Table column: split [default: 'split' if present].")
+@click.option(
+    "--default-split", default="train", show_default=True,
+    help="Split for table rows when there is no split column.",
+)
+@click.option("--skip-bad-images", is_flag=True, help="Drop missing/undecodable images, warn.")
+@overwrite_option
+@json_option
+def import_data(karpathy, csv_file, jsonl, parquet, images, out, image_col, caption_col,
+                split_col, default_split, skip_bad_images, overwrite, as_json):
+    """Import an image-caption collection into cprd's dataset layout.
+
+    Example:
+
+        cprd import-data --karpathy dataset_flickr30k.json --images flickr30k-images \\
+            --out data/flickr30k
+        cprd import-data --csv pairs.csv --image-col path --caption-col text --out data/mine
+    """
+    from pipeline import importers
+
+    sources = {"karpathy": karpathy, "csv": csv_file, "jsonl": jsonl, "parquet": parquet}
+    given = {k: v for k, v in sources.items() if v is not None}
+    if len(given) != 1:
+        raise click.UsageError("give exactly one input: --karpathy, --csv, --jsonl or --parquet")
+    common = {"skip_bad_images": skip_bad_images, "overwrite": overwrite}
+    if karpathy is not None:
+        if images is None:
+            raise click.UsageError("--karpathy needs --images ROOT, the folder of the image files")
+        meta = importers.import_karpathy(karpathy, images, out, **common)
+    else:
+        (fmt, path), = given.items()
+        meta = importers.import_table(
+            path, fmt, out, image_col=image_col, caption_col=caption_col, split_col=split_col,
+            default_split=default_split, images_root=images, **common,
+        )
+    summary = {"command": "import-data", "out": str(out), **_dataset_summary(meta)}
+    _emit(summary, as_json, f"imported {meta['num_images']} images, {meta['num_captions']} "
+          f"captions into {out} (fingerprint {meta['fingerprint'][:12]})")
+
+
+@cli.command("data-info")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@json_option
+def data_info(dataset, as_json):
+    """Show a dataset's counts per split, captions per image and fingerprint.
+
+    Example:
+
+        cprd data-info data/demo
+    """
+    from pipeline.dataset import Dataset
+
+    info = Dataset.load(dataset).info()
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+        return
+    click.echo(f"dataset      {info['path']}")
+    click.echo(f"fingerprint  {info['fingerprint']}")
+    click.echo(f"{'split':<8}{'images':>10}{'captions':>10}")
+    for split, c in info["counts"].items():
+        click.echo(f"{split:<8}{c['images']:>10}{c['captions']:>10}")
+    cpi = info["captions_per_image"]
+    click.echo(f"captions per image: min {cpi['min']}, mean {cpi['mean']}, max {cpi['max']}")
+
+
+@cli.command("demo-data")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset dir to write.")
+@click.option("--train-images", default=2000, show_default=True, help="Images in train.")
+@click.option("--val-images", default=200, show_default=True, help="Images in val.")
+@click.option("--test-images", default=200, show_default=True, help="Images in test.")
+@click.option("--captions-per-image", default=5, show_default=True, help="Captions per image.")
+@click.option("--image-size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@overwrite_option
+@json_option
+def demo_data(out, train_images, val_images, test_images, captions_per_image, image_size, seed,
+              overwrite, as_json):
+    """Generate the embedded compositional benchmark (coloured shapes in spatial relations).
+
+    Images come in contrast groups of 4 whose captions share one bag of words ("a red circle left
+    of a blue square" vs "a blue circle left of a red square"), so only a model that binds
+    attributes to objects can tell them apart.
+
+    Example:
+
+        cprd demo-data --out data/demo --train-images 2000 --seed 0
+    """
+    from pipeline.demo_data import generate_demo_data
+
+    meta = generate_demo_data(
+        out, train_images=train_images, val_images=val_images, test_images=test_images,
+        captions_per_image=captions_per_image, image_size=image_size, seed=seed,
+        overwrite=overwrite,
+    )
+    summary = {"command": "demo-data", "out": str(out), **_dataset_summary(meta)}
+    _emit(summary, as_json, f"wrote {meta['num_images']} images, {meta['num_captions']} captions "
+          f"to {out} (fingerprint {meta['fingerprint'][:12]})")
+
+
+def _dataset_summary(meta: dict) -> dict:
+    keys = ("fingerprint", "num_images", "num_captions", "counts")
+    return {k: meta[k] for k in keys}
+
+
+# ---- stages not built yet ------------------------------------------------------------------------
+
+
+def _not_yet(name: str, issue: int, summary: str) -> None:
+    def command(**_):
+        raise click.ClickException(f"`cprd {name}` is not implemented yet (issue #{issue})")
+
+    command.__doc__ = summary
+    cli.command(name, context_settings={"ignore_unknown_options": True},
+                add_help_option=True)(click.argument("args", nargs=-1, type=click.UNPROCESSED)(command))
+
+
+_not_yet("mine-candidates", 3, "Mine top-k candidates per query with a dual encoder and FAISS.")
+_not_yet("evaluate", 3, "Recall@1/5/10 both directions and RSUM, optionally teacher re-ranked.")
+_not_yet("score-teacher", 4, "Score candidate pairs with the cross-encoder once, into a cache.")
+_not_yet("train-teacher", 4, "Train or fine-tune a BLIP image-text-matching cross-encoder.")
+_not_yet("train-student", 5, "Train the dual encoder with CPRD from the cached teacher ranks.")
+_not_yet("demo", 6, "Run the whole pipeline on the embedded synthetic dataset on CPU.")
+
+
+def main() -> None:
+    cli(prog_name="cprd")
+
+
+if __name__ == "__main__":
+    main()

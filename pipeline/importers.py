@@ -1,0 +1,261 @@
+"""Import image-caption collections into the canonical dataset layout (pipeline.dataset).
+
+Two sources: the Karpathy-split JSON that Flickr30K and COCO ship with, and a flat table
+(CSV, JSONL or Parquet) of (image path, caption[, split]) rows. Every referenced image is read
+once: it must exist and decode fully, and its bytes are hashed for the dataset fingerprint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import polars as pl
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import atomic
+from pipeline.dataset import hash_bytes, write_dataset
+from pipeline.schemas import SPLITS
+
+log = logging.getLogger(__name__)
+
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+SHOW = 5  # how many offenders an error message names
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:SHOW])
+    return shown + (f", ... ({len(items) - SHOW} more)" if len(items) > SHOW else "")
+
+
+def check_image(path: Path) -> tuple[str | None, str | None]:
+    """(sha256 of the file, None) for a readable image, else (None, reason it is bad)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # a full decode: verify() alone misses truncated files
+    except Exception as e:  # PIL raises many types for bad data; all mean "cannot decode"
+        return None, f"cannot decode: {e}"
+    return hash_bytes(data), None
+
+
+def _check_images(paths: list[Path], progress: bool) -> list[tuple[str | None, str | None]]:
+    # Decoding releases the GIL, so threads overlap I/O and decode on every core.
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(check_image, paths)
+        return list(
+            tqdm(results, total=len(paths), desc="checking images", unit="img", disable=not progress)
+        )
+
+
+def build_dataset(
+    out: Path,
+    image_paths: list[Path],
+    splits: list[str],
+    captions: list[list[str]],
+    source: dict,
+    *,
+    skip_bad_images: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Check the images, then write the dataset to ``out`` atomically; return its metadata.
+
+    ``image_paths[i]``, ``splits[i]`` and ``captions[i]`` describe image i. A missing or
+    undecodable image is an error naming the first few offenders, or, with ``skip_bad_images``,
+    is dropped with its captions and a warning.
+    """
+    if not image_paths:
+        raise ValueError("the input lists no images; nothing to import")
+    dupes = [str(p) for p, n in Counter(image_paths).items() if n > 1]
+    if dupes:
+        raise ValueError(
+            f"{len(dupes)} image paths appear more than once: {_names(dupes)}; "
+            "list each image once with all its captions"
+        )
+    no_caption = [str(p) for p, caps in zip(image_paths, captions) if not caps]
+    if no_caption:
+        raise ValueError(
+            f"{len(no_caption)} images have no captions: {_names(no_caption)}; "
+            "give every image at least one caption or leave it out"
+        )
+    empty = [str(p) for p, caps in zip(image_paths, captions) if any(not c.strip() for c in caps)]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} images have an empty caption: {_names(empty)}; "
+            "remove the empty captions from the input"
+        )
+
+    checked = _check_images(image_paths, progress)
+    bad = [f"{p} ({why})" for p, (_, why) in zip(image_paths, checked) if why]
+    if bad and not skip_bad_images:
+        raise ValueError(
+            f"{len(bad)} of {len(image_paths)} images are missing or cannot be decoded: "
+            f"{_names(bad)}; fix the image paths (--images) or pass --skip-bad-images to drop them"
+        )
+    if bad:
+        log.warning("skipping %d bad images: %s", len(bad), _names(bad))
+
+    keep = [i for i, (digest, _) in enumerate(checked) if digest]
+    if not keep:
+        raise ValueError("no usable images remain; nothing to import")
+    images = pl.DataFrame(
+        {
+            "path": [str(image_paths[i]) for i in keep],
+            "split": [splits[i] for i in keep],
+            "sha256": [checked[i][0] for i in keep],
+        },
+        schema={"path": pl.String, "split": pl.String, "sha256": pl.String},
+    )
+    caps = pl.DataFrame(
+        {
+            "image_id": [new_id for new_id, i in enumerate(keep) for _ in captions[i]],
+            "caption": [c for i in keep for c in captions[i]],
+        },
+        schema={"image_id": pl.Int64, "caption": pl.String},
+    )
+    source = {**source, "skipped_images": len(bad)}
+    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+        return write_dataset(tmp, images, caps, source)
+
+
+def import_karpathy(
+    json_path: str | Path, images_root: str | Path, out: str | Path, **kwargs
+) -> dict:
+    """Import a Karpathy-split JSON (``images[].filepath/filename/split/sentences[].raw``).
+
+    ``restval`` counts as train; captions are kept verbatim. Keyword arguments go to
+    :func:`build_dataset`. Returns the dataset metadata.
+    """
+    json_path, images_root = Path(json_path), Path(images_root)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"--karpathy file '{json_path}' does not exist")
+    if not images_root.is_dir():
+        raise FileNotFoundError(f"--images directory '{images_root}' does not exist")
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"--karpathy file '{json_path}' is not valid JSON (line {e.lineno}, column {e.colno}: "
+            f"{e.msg})"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--karpathy file '{json_path}' is not UTF-8 text ({e})") from e
+    entries = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(
+            f"--karpathy file '{json_path}' has no 'images' list; expected the Karpathy split "
+            "format (images[].filename, split, sentences[].raw)"
+        )
+    root = images_root.resolve()
+    paths, splits, captions = [], [], []
+    for n, entry in enumerate(entries):
+        where = f"entry {n} of '{json_path}'"
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            raise ValueError(f"{where} has no 'filename'; expected the Karpathy split format")
+        split = KARPATHY_SPLITS.get(entry.get("split"))
+        if split is None:
+            raise ValueError(
+                f"{where} has split {entry.get('split')!r}; expected one of "
+                f"{', '.join(KARPATHY_SPLITS)}"
+            )
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences
+        ):
+            raise ValueError(f"{where} needs 'sentences' as a list of {{'raw': text}} objects")
+        paths.append(root / entry.get("filepath", "") / entry["filename"])
+        splits.append(split)
+        captions.append([s["raw"] for s in sentences])
+    source = {"kind": "karpathy", "file": str(json_path.resolve()), "images_root": str(root)}
+    return build_dataset(Path(out), paths, splits, captions, source, **kwargs)
+
+
+TABLE_READERS = {
+    "csv": lambda p: pl.read_csv(p, infer_schema=False),  # all columns as text, verbatim
+    "jsonl": pl.read_ndjson,
+    "parquet": pl.read_parquet,
+}
+
+
+def import_table(
+    table_path: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    split_col: str | None = None,
+    default_split: str = "train",
+    images_root: str | Path | None = None,
+    **kwargs,
+) -> dict:
+    """Import a flat table of (image path, caption[, split]) rows, one row per caption.
+
+    Relative image paths resolve against ``images_root``, else the table's own directory.
+    ``split_col`` None means: use a ``split`` column if there is one, else ``default_split``.
+    Rows of one image keep their order; images are numbered in order of first appearance.
+    """
+    table_path = Path(table_path)
+    flag = f"--{fmt}"
+    if not table_path.is_file():
+        raise FileNotFoundError(f"{flag} file '{table_path}' does not exist")
+    if default_split not in SPLITS:
+        raise ValueError(f"--default-split must be one of {', '.join(SPLITS)}, got '{default_split}'")
+    try:
+        df = TABLE_READERS[fmt](table_path)
+    except Exception as e:  # polars raises several error types for unreadable input
+        raise ValueError(f"cannot read {flag} file '{table_path}': {e}") from e
+    wanted = {"--image-col": image_col, "--caption-col": caption_col}
+    if split_col is not None:
+        wanted["--split-col"] = split_col
+    for opt, col in wanted.items():
+        if col not in df.columns:
+            raise ValueError(
+                f"{flag} file '{table_path}' has no column '{col}' ({opt}); its columns are "
+                f"{df.columns}"
+            )
+    split_col = split_col or ("split" if "split" in df.columns else None)
+    cols = [pl.col(image_col).cast(pl.String).alias("image"),
+            pl.col(caption_col).cast(pl.String).alias("caption")]
+    cols.append(
+        pl.col(split_col).cast(pl.String).alias("split") if split_col
+        else pl.lit(default_split).alias("split")
+    )
+    df = df.select(cols).with_row_index("row")
+    nulls = df.filter(pl.any_horizontal(pl.col("image", "caption", "split").is_null()))
+    if nulls.height:
+        rows = [str(r + 1) for r in nulls["row"].to_list()]
+        raise ValueError(f"{flag} file '{table_path}' has empty cells in data rows {_names(rows)}")
+    df = df.with_columns(pl.col("split").replace({"restval": "train"}))
+    bad_split = df.filter(~pl.col("split").is_in(list(SPLITS)))
+    if bad_split.height:
+        raise ValueError(
+            f"{flag} file '{table_path}' has unknown split values "
+            f"{sorted(set(bad_split['split'].to_list()))[:SHOW]}; use {', '.join(SPLITS)}"
+        )
+    root = Path(images_root).resolve() if images_root else table_path.resolve().parent
+    groups = df.group_by("image", maintain_order=True).agg("caption", pl.col("split").unique())
+    conflicting = groups.filter(pl.col("split").list.len() > 1)["image"].to_list()
+    if conflicting:
+        raise ValueError(
+            f"{len(conflicting)} images are listed under more than one split: {_names(conflicting)}"
+        )
+    paths = [root / p for p in groups["image"].to_list()]
+    source = {"kind": fmt, "file": str(table_path.resolve()), "images_root": str(root)}
+    return build_dataset(
+        Path(out), paths, [s[0] for s in groups["split"].to_list()],
+        groups["caption"].to_list(), source, **kwargs,
+    )

@@ -1,0 +1,154 @@
+"""Image-text retrieval recall (Flickr30K / COCO protocol), computed in chunks of queries.
+
+Letters used in shape comments: I images, T captions (texts), B queries in one chunk.
+
+Protocol: image->text, an image query is correct at K when ANY of its captions is among its top K;
+text->image, a caption query is correct at K when its own image is among its top K. ``rsum`` is
+the sum of the six recalls (percent), so a perfect model scores 600.
+
+Ranks are 0-based: the rank of a query is the number of *non-positive* items scoring greater than
+**or equal to** its best positive. Ties therefore count against the query (pessimistic): a
+collapsed model that gives every pair the same score gets rank = number of negatives, not a
+perfect rank 0, and a tie can never inflate a reported recall. With continuous float scores ties
+are rare and this equals the usual argsort-based protocol.
+
+Two ways to call it:
+- ``retrieval_metrics(sim, caption_to_image)`` for a full (I, T) score matrix (sliced into chunks
+  of queries internally, so the temporaries stay at (chunk_size, max(I, T)));
+- streaming, for an evaluator that never holds the matrix: compute each chunk of similarities
+  from embeddings, pass it to ``i2t_ranks`` / ``t2i_ranks``, concatenate the ranks, and call
+  ``retrieval_metrics_from_ranks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+RECALL_AT = (1, 5, 10)
+METRIC_KEYS = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in RECALL_AT) + ("rsum",)
+
+ArrayLike = np.ndarray | torch.Tensor | Sequence[int] | Sequence[float]
+
+
+def _as_tensor(x: ArrayLike, name: str, ndim: int) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if isinstance(x, Sequence) else x)
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_scores(sim: torch.Tensor, name: str) -> None:
+    # A NaN positive would compare False with everything and get rank 0: refuse instead.
+    if sim.is_floating_point() and torch.isnan(sim).any():
+        raise ValueError(f"{name} contains NaN scores; check the embeddings for NaN/inf first")
+
+
+def i2t_ranks(sim_chunk: ArrayLike, image_index: ArrayLike, caption_to_image: ArrayLike) -> np.ndarray:
+    """Return the (B,) int64 rank of each image query's best caption (0 = retrieved first).
+
+    ``sim_chunk`` is (B, T): rows are image queries, columns all T captions. ``image_index`` (B,)
+    is the global image index of each row and ``caption_to_image`` (T,) the image of each caption.
+    """
+    sim = _as_tensor(sim_chunk, "sim_chunk", 2)  # (B, T)
+    rows = _as_tensor(image_index, "image_index", 1).to(sim.device, torch.long)  # (B,)
+    cap_img = _as_tensor(caption_to_image, "caption_to_image", 1).to(sim.device, torch.long)  # (T,)
+    if sim.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"image_index has {rows.shape[0]} entries but sim_chunk has {sim.shape[0]} rows; "
+            "pass one image index per row of the chunk"
+        )
+    if sim.shape[1] != cap_img.shape[0]:
+        raise ValueError(
+            f"caption_to_image has {cap_img.shape[0]} entries but sim_chunk has {sim.shape[1]} "
+            "captions (columns); pass the image of every caption, in column order"
+        )
+    _check_scores(sim, "sim_chunk")
+    positive = cap_img[None, :] == rows[:, None]  # (B, T)
+    no_caption = ~positive.any(dim=1)  # (B,)
+    if no_caption.any():
+        bad = rows[no_caption][:5].tolist()
+        raise ValueError(
+            f"image(s) {bad} have no caption in caption_to_image; image->text recall is undefined "
+            "for them, so drop images without captions before evaluating"
+        )
+    neg_inf = torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device)
+    best = torch.where(positive, sim, neg_inf).amax(dim=1)  # (B,)
+    beats = (sim >= best[:, None]) & ~positive  # (B, T)
+    return beats.sum(dim=1).cpu().numpy().astype(np.int64)
+
+
+def t2i_ranks(sim_chunk: ArrayLike, caption_image: ArrayLike) -> np.ndarray:
+    """Return the (B,) int64 rank of each caption query's own image (0 = retrieved first).
+
+    ``sim_chunk`` is (B, I), caption-major: rows are caption queries, columns all I images (the
+    natural shape of ``text_emb_chunk @ image_emb.T``). ``caption_image`` (B,) is each row's image.
+    """
+    sim = _as_tensor(sim_chunk, "sim_chunk", 2)  # (B, I)
+    own = _as_tensor(caption_image, "caption_image", 1).to(sim.device, torch.long)  # (B,)
+    if sim.shape[0] != own.shape[0]:
+        raise ValueError(
+            f"caption_image has {own.shape[0]} entries but sim_chunk has {sim.shape[0]} rows; "
+            "pass the image of every caption row"
+        )
+    if own.numel() and (own.min() < 0 or own.max() >= sim.shape[1]):
+        raise ValueError(
+            f"caption_image values must lie in [0, {sim.shape[1] - 1}] (sim_chunk has "
+            f"{sim.shape[1]} image columns), got range [{own.min().item()}, {own.max().item()}]"
+        )
+    _check_scores(sim, "sim_chunk")
+    positive_score = sim.gather(1, own[:, None])  # (B, 1)
+    beats = sim >= positive_score  # (B, I); includes the own image itself
+    return (beats.sum(dim=1) - 1).cpu().numpy().astype(np.int64)
+
+
+def retrieval_metrics_from_ranks(i2t: ArrayLike, t2i: ArrayLike) -> dict[str, float]:
+    """Return R@1/5/10 in percent for both directions plus ``rsum``, from 0-based ranks."""
+    out: dict[str, float] = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks)
+        if r.ndim != 1 or r.size == 0:
+            raise ValueError(f"{name} ranks must be a non-empty 1-D array, got shape {r.shape}")
+        for k in RECALL_AT:
+            out[f"{name}_R@{k}"] = float(100.0 * np.mean(r < k))
+    out["rsum"] = float(sum(out[key] for key in METRIC_KEYS[:-1]))
+    return out
+
+
+def retrieval_metrics(
+    sim: ArrayLike, caption_to_image: ArrayLike, chunk_size: int = 1024
+) -> dict[str, float]:
+    """Return ``{i2t_R@1,5,10, t2i_R@1,5,10, rsum}`` (percent) for an (I, T) score matrix.
+
+    ``caption_to_image`` (T,) holds the image index (0..I-1) of every caption; ``chunk_size`` is
+    the number of queries ranked at once.
+    """
+    scores = _as_tensor(sim, "sim", 2)  # (I, T)
+    cap_img = _as_tensor(caption_to_image, "caption_to_image", 1).to(scores.device, torch.long)
+    n_images, n_captions = scores.shape
+    if cap_img.shape[0] != n_captions:
+        raise ValueError(
+            f"caption_to_image has {cap_img.shape[0]} entries but sim has {n_captions} captions "
+            "(columns); sim must be (n_images, n_captions) with one image index per caption"
+        )
+    if n_images == 0 or n_captions == 0:
+        raise ValueError(f"sim must have at least one image and one caption, got {tuple(scores.shape)}")
+    if cap_img.min() < 0 or cap_img.max() >= n_images:
+        raise ValueError(
+            f"caption_to_image values must lie in [0, {n_images - 1}] (sim has {n_images} image "
+            f"rows), got range [{cap_img.min().item()}, {cap_img.max().item()}]"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    i2t = [
+        i2t_ranks(scores[s : s + chunk_size], torch.arange(s, min(s + chunk_size, n_images)), cap_img)
+        for s in range(0, n_images, chunk_size)
+    ]
+    t2i = [
+        t2i_ranks(scores[:, s : s + chunk_size].T, cap_img[s : s + chunk_size])
+        for s in range(0, n_captions, chunk_size)
+    ]
+    return retrieval_metrics_from_ranks(np.concatenate(i2t), np.concatenate(t2i))
