@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
@@ -25,12 +24,32 @@ class CprdGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            # One line and exit 1 for every bad input, option parsing included.
+            where = e.ctx.command_path if e.ctx else ctx.command_path
+            raise click.ClickException(f"{e.format_message()} (see `{where} --help`)") from e
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:
             if ctx.params.get("debug"):
                 raise
             raise click.ClickException(_one_line(e)) from e
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as plain lines on stderr through click (so CliRunner captures them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        click.echo(prefix + self.format(record), err=True)
+
+
+def _setup_logging() -> None:
+    for pkg in PACKAGES:
+        logger = logging.getLogger(pkg)
+        logger.setLevel(logging.INFO)
+        logger.handlers = [_StderrHandler()]
+        logger.propagate = False
 
 
 def _one_line(e: Exception) -> str:
@@ -53,7 +72,9 @@ json_option = click.option(
     "--json", "as_json", is_flag=True, help="End by printing one JSON line summarising the run."
 )
 overwrite_option = click.option(
-    "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUT if it exists (only once the new one is complete).",
 )
 
 
@@ -65,9 +86,7 @@ def cli(debug: bool) -> None:
 
     Stages: mine-candidates -> score-teacher -> train-student, around one on-disk contract.
     """
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    for pkg in PACKAGES:
-        logging.getLogger(pkg).setLevel(logging.INFO)
+    _setup_logging()
 
 
 # ---- datasets ----------------------------------------------------------------------------------
@@ -75,26 +94,46 @@ def cli(debug: bool) -> None:
 
 @cli.command("import-data")
 @click.option("--karpathy", type=click.Path(path_type=Path), help="Karpathy-split JSON file.")
-@click.option("--csv", "csv_file", type=click.Path(path_type=Path), help="CSV of image, caption rows.")
+@click.option(
+    "--csv", "csv_file", type=click.Path(path_type=Path), help="CSV of image, caption rows."
+)
 @click.option("--jsonl", type=click.Path(path_type=Path), help="JSON-lines of image, caption rows.")
 @click.option("--parquet", type=click.Path(path_type=Path), help="Parquet of image, caption rows.")
 @click.option(
-    "--images", type=click.Path(path_type=Path),
+    "--images",
+    type=click.Path(path_type=Path),
     help="Root of the image files. Required with --karpathy; tables default to their own folder.",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset dir to write.")
 @click.option("--image-col", default="image", show_default=True, help="Table column: image path.")
 @click.option("--caption-col", default="caption", show_default=True, help="Table column: caption.")
-@click.option("--split-col", default=None, help="Table column: split [default: 'split' if present].")
 @click.option(
-    "--default-split", default="train", show_default=True,
+    "--split-col", default=None, help="Table column: split [default: 'split' if present]."
+)
+@click.option(
+    "--default-split",
+    default="train",
+    show_default=True,
     help="Split for table rows when there is no split column.",
 )
 @click.option("--skip-bad-images", is_flag=True, help="Drop missing/undecodable images, warn.")
 @overwrite_option
 @json_option
-def import_data(karpathy, csv_file, jsonl, parquet, images, out, image_col, caption_col,
-                split_col, default_split, skip_bad_images, overwrite, as_json):
+def import_data(
+    karpathy,
+    csv_file,
+    jsonl,
+    parquet,
+    images,
+    out,
+    image_col,
+    caption_col,
+    split_col,
+    default_split,
+    skip_bad_images,
+    overwrite,
+    as_json,
+):
     """Import an image-caption collection into cprd's dataset layout.
 
     Example:
@@ -115,14 +154,25 @@ def import_data(karpathy, csv_file, jsonl, parquet, images, out, image_col, capt
             raise click.UsageError("--karpathy needs --images ROOT, the folder of the image files")
         meta = importers.import_karpathy(karpathy, images, out, **common)
     else:
-        (fmt, path), = given.items()
+        ((fmt, path),) = given.items()
         meta = importers.import_table(
-            path, fmt, out, image_col=image_col, caption_col=caption_col, split_col=split_col,
-            default_split=default_split, images_root=images, **common,
+            path,
+            fmt,
+            out,
+            image_col=image_col,
+            caption_col=caption_col,
+            split_col=split_col,
+            default_split=default_split,
+            images_root=images,
+            **common,
         )
     summary = {"command": "import-data", "out": str(out), **_dataset_summary(meta)}
-    _emit(summary, as_json, f"imported {meta['num_images']} images, {meta['num_captions']} "
-          f"captions into {out} (fingerprint {meta['fingerprint'][:12]})")
+    _emit(
+        summary,
+        as_json,
+        f"imported {meta['num_images']} images, {meta['num_captions']} "
+        f"captions into {out} (fingerprint {meta['fingerprint'][:12]})",
+    )
 
 
 @cli.command("data-info")
@@ -160,8 +210,17 @@ def data_info(dataset, as_json):
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
 @overwrite_option
 @json_option
-def demo_data(out, train_images, val_images, test_images, captions_per_image, image_size, seed,
-              overwrite, as_json):
+def demo_data(
+    out,
+    train_images,
+    val_images,
+    test_images,
+    captions_per_image,
+    image_size,
+    seed,
+    overwrite,
+    as_json,
+):
     """Generate the embedded compositional benchmark (coloured shapes in spatial relations).
 
     Images come in contrast groups of 4 whose captions share one bag of words ("a red circle left
@@ -175,13 +234,22 @@ def demo_data(out, train_images, val_images, test_images, captions_per_image, im
     from pipeline.demo_data import generate_demo_data
 
     meta = generate_demo_data(
-        out, train_images=train_images, val_images=val_images, test_images=test_images,
-        captions_per_image=captions_per_image, image_size=image_size, seed=seed,
+        out,
+        train_images=train_images,
+        val_images=val_images,
+        test_images=test_images,
+        captions_per_image=captions_per_image,
+        image_size=image_size,
+        seed=seed,
         overwrite=overwrite,
     )
     summary = {"command": "demo-data", "out": str(out), **_dataset_summary(meta)}
-    _emit(summary, as_json, f"wrote {meta['num_images']} images, {meta['num_captions']} captions "
-          f"to {out} (fingerprint {meta['fingerprint'][:12]})")
+    _emit(
+        summary,
+        as_json,
+        f"wrote {meta['num_images']} images, {meta['num_captions']} captions "
+        f"to {out} (fingerprint {meta['fingerprint'][:12]})",
+    )
 
 
 def _dataset_summary(meta: dict) -> dict:
@@ -197,8 +265,9 @@ def _not_yet(name: str, issue: int, summary: str) -> None:
         raise click.ClickException(f"`cprd {name}` is not implemented yet (issue #{issue})")
 
     command.__doc__ = summary
-    cli.command(name, context_settings={"ignore_unknown_options": True},
-                add_help_option=True)(click.argument("args", nargs=-1, type=click.UNPROCESSED)(command))
+    cli.command(name, context_settings={"ignore_unknown_options": True}, add_help_option=True)(
+        click.argument("args", nargs=-1, type=click.UNPROCESSED)(command)
+    )
 
 
 _not_yet("mine-candidates", 3, "Mine top-k candidates per query with a dual encoder and FAISS.")

@@ -82,8 +82,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (same object, same bytes)."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    """Write ``obj`` as key-sorted JSON to ``path`` atomically (same object, same bytes)."""
+    write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    )
 
 
 @contextlib.contextmanager

@@ -46,7 +46,9 @@ def fingerprint(images: pl.DataFrame, captions: pl.DataFrame) -> str:
     h = hashlib.sha256(f"{DATASET_FORMAT}/{DATASET_VERSION}\n".encode())
     for image_id, split, digest in images.select("image_id", "split", "sha256").iter_rows():
         h.update(f"I\t{image_id}\t{split}\t{digest}\n".encode())
-    for caption_id, image_id, text in captions.select("caption_id", "image_id", "caption").iter_rows():
+    for caption_id, image_id, text in captions.select(
+        "caption_id", "image_id", "caption"
+    ).iter_rows():
         # Length prefix: a caption containing tabs or newlines cannot collide with another layout.
         encoded = text.encode()
         h.update(f"C\t{caption_id}\t{image_id}\t{len(encoded)}\t".encode() + encoded + b"\n")
@@ -161,7 +163,7 @@ class Dataset:
         return self.meta["fingerprint"]
 
     def split(self, name: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """(images, captions) of one split, in id order; ValueError for an unknown or empty split."""
+        """(images, captions) of one split in id order; ValueError if unknown or empty."""
         if name not in SPLITS:
             raise ValueError(f"unknown split '{name}'; choose one of {', '.join(SPLITS)}")
         images = self.images.filter(pl.col("split") == name)

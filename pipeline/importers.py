@@ -56,7 +56,9 @@ def _check_images(paths: list[Path], progress: bool) -> list[tuple[str | None, s
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(check_image, paths)
         return list(
-            tqdm(results, total=len(paths), desc="checking images", unit="img", disable=not progress)
+            tqdm(
+                results, total=len(paths), desc="checking images", unit="img", disable=not progress
+            )
         )
 
 
@@ -85,13 +87,17 @@ def build_dataset(
             f"{len(dupes)} image paths appear more than once: {_names(dupes)}; "
             "list each image once with all its captions"
         )
-    no_caption = [str(p) for p, caps in zip(image_paths, captions) if not caps]
+    no_caption = [str(p) for p, caps in zip(image_paths, captions, strict=False) if not caps]
     if no_caption:
         raise ValueError(
             f"{len(no_caption)} images have no captions: {_names(no_caption)}; "
             "give every image at least one caption or leave it out"
         )
-    empty = [str(p) for p, caps in zip(image_paths, captions) if any(not c.strip() for c in caps)]
+    empty = [
+        str(p)
+        for p, caps in zip(image_paths, captions, strict=False)
+        if any(not c.strip() for c in caps)
+    ]
     if empty:
         raise ValueError(
             f"{len(empty)} images have an empty caption: {_names(empty)}; "
@@ -99,7 +105,7 @@ def build_dataset(
         )
 
     checked = _check_images(image_paths, progress)
-    bad = [f"{p} ({why})" for p, (_, why) in zip(image_paths, checked) if why]
+    bad = [f"{p} ({why})" for p, (_, why) in zip(image_paths, checked, strict=False) if why]
     if bad and not skip_bad_images:
         raise ValueError(
             f"{len(bad)} of {len(image_paths)} images are missing or cannot be decoded: "
@@ -213,7 +219,9 @@ def import_table(
     if not table_path.is_file():
         raise FileNotFoundError(f"{flag} file '{table_path}' does not exist")
     if default_split not in SPLITS:
-        raise ValueError(f"--default-split must be one of {', '.join(SPLITS)}, got '{default_split}'")
+        raise ValueError(
+            f"--default-split must be one of {', '.join(SPLITS)}, got '{default_split}'"
+        )
     try:
         df = TABLE_READERS[fmt](table_path)
     except Exception as e:  # polars raises several error types for unreadable input
@@ -228,10 +236,13 @@ def import_table(
                 f"{df.columns}"
             )
     split_col = split_col or ("split" if "split" in df.columns else None)
-    cols = [pl.col(image_col).cast(pl.String).alias("image"),
-            pl.col(caption_col).cast(pl.String).alias("caption")]
+    cols = [
+        pl.col(image_col).cast(pl.String).alias("image"),
+        pl.col(caption_col).cast(pl.String).alias("caption"),
+    ]
     cols.append(
-        pl.col(split_col).cast(pl.String).alias("split") if split_col
+        pl.col(split_col).cast(pl.String).alias("split")
+        if split_col
         else pl.lit(default_split).alias("split")
     )
     df = df.select(cols).with_row_index("row")
@@ -256,6 +267,10 @@ def import_table(
     paths = [root / p for p in groups["image"].to_list()]
     source = {"kind": fmt, "file": str(table_path.resolve()), "images_root": str(root)}
     return build_dataset(
-        Path(out), paths, [s[0] for s in groups["split"].to_list()],
-        groups["caption"].to_list(), source, **kwargs,
+        Path(out),
+        paths,
+        [s[0] for s in groups["split"].to_list()],
+        groups["caption"].to_list(),
+        source,
+        **kwargs,
     )

@@ -1,0 +1,102 @@
+"""Shared fixtures: small real image files and datasets the tests write themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+# A hub call hangs ~24 s before failing here; nothing in the tests may download anything.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from click.testing import CliRunner, Result  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cli import cli  # noqa: E402
+
+
+def write_image(
+    path: Path, colour: tuple[int, int, int], fmt: str = "JPEG", size: int = 32
+) -> Path:
+    """Write a real, decodable image file of one colour with a white square in the corner."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (size, size), colour)
+    img.paste((255, 255, 255), (0, 0, size // 4, size // 4))
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def karpathy(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Karpathy-split JSON and its image root: 6 images (JPEG and PNG), restval included."""
+    root = tmp_path / "imgs"
+    entries = []
+    splits = ["train", "restval", "train", "val", "test", "test"]
+    for i, split in enumerate(splits):
+        sub = "sub" if i % 2 else ""
+        name = f"im{i}.{'png' if i % 3 == 0 else 'jpg'}"
+        write_image(
+            root / sub / name,
+            (40 * i, 100, 200 - 30 * i),
+            fmt="PNG" if name.endswith("png") else "JPEG",
+        )
+        entry = {
+            "filename": name,
+            "split": split,
+            "imgid": i,
+            "sentences": [
+                {"raw": f"picture {i} caption {j} café ☕ ", "tokens": []} for j in range(2 + i % 2)
+            ],
+        }
+        if sub:
+            entry["filepath"] = sub
+        entries.append(entry)
+    path = tmp_path / "dataset_tiny.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "tiny"}, ensure_ascii=False))
+    return path, root
+
+
+def run(*args: str) -> Result:
+    """Invoke the real CLI in-process and return click's result."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_error(result: Result, *fragments: str) -> str:
+    """Assert exit 1 with exactly one `Error:` line holding every fragment, and no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def demo_dataset_master(tmp_path_factory) -> Path:
+    """One small demo dataset built once per session; use `demo_dataset` for a private copy."""
+    from pipeline.demo_data import generate_demo_data
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    generate_demo_data(
+        out,
+        train_images=32,
+        val_images=16,
+        test_images=16,
+        image_size=32,
+        captions_per_image=3,
+        seed=0,
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture
+def demo_dataset(demo_dataset_master: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's small demo dataset."""
+    dst = tmp_path / "demo"
+    shutil.copytree(demo_dataset_master, dst)
+    return dst
