@@ -257,6 +257,169 @@ def _dataset_summary(meta: dict) -> dict:
     return {k: meta[k] for k in keys}
 
 
+# ---- stage 1 and evaluation ----------------------------------------------------------------------
+
+student_option = click.option(
+    "--student",
+    default="tiny",
+    show_default=True,
+    help="Model spec: tiny, an open_clip name[:pretrained tag or checkpoint], or a student dir.",
+)
+device_option = click.option(
+    "--device", default=None, help="torch device [default: cuda if present]."
+)
+
+
+@cli.command("mine-candidates")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset dir.")
+@student_option
+@click.option("--split", default="train", show_default=True, help="Split to mine.")
+@click.option("--k", default=32, show_default=True, help="Candidates kept per query.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Candidates dir.")
+@click.option(
+    "--index",
+    type=click.Choice(["flat", "ivf", "hnsw"]),
+    default="flat",
+    show_default=True,
+    help="FAISS index: exact flat, or approximate ivf/hnsw (recall measured and printed).",
+)
+@click.option("--batch-size", default=64, show_default=True, help="Encoding batch size.")
+@click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
+@click.option(
+    "--embeddings-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Reuse the embeddings of another candidates dir (same data, split, weights).",
+)
+@device_option
+@overwrite_option
+@json_option
+def mine_candidates(
+    data,
+    student,
+    split,
+    k,
+    out,
+    index,
+    batch_size,
+    seed,
+    embeddings_from,
+    device,
+    overwrite,
+    as_json,
+):
+    """Mine each query's top-k candidates in both directions with a dual encoder and FAISS.
+
+    Writes OUT/candidates.parquet (direction, query_id, candidate_id, rank, score, is_positive),
+    the embeddings it used, and a manifest. Re-mining into the same OUT with --overwrite (e.g.
+    another --k) reuses the embeddings when the model and data are unchanged.
+
+    Example:
+
+        cprd mine-candidates --data data/demo --student runs/itc --k 32 --out data/cand
+    """
+    from pipeline.mine import MineConfig, mine_candidates
+
+    _positive(batch_size=batch_size)
+    cfg = MineConfig(
+        data=data,
+        student=student,
+        out=out,
+        split=split,
+        k=k,
+        index=index,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        embeddings_from=embeddings_from,
+        overwrite=overwrite,
+    )
+    m = mine_candidates(cfg)
+    summary = {
+        "command": "mine-candidates",
+        "out": str(out),
+        "split": split,
+        "k": k,
+        "k_used": m["k_used"],
+        "counts": m["counts"],
+        "index_recall": m["index_recall"],
+        "fingerprint": m["dataset"]["fingerprint"],
+    }
+    c = m["counts"]
+    _emit(
+        summary,
+        as_json,
+        f"mined {c['i2t']} image->text and {c['t2i']} text->image "
+        f"candidates ({c['images']} images, {c['captions']} captions) into {out}",
+    )
+
+
+@cli.command("evaluate")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Dataset dir.")
+@student_option
+@click.option("--split", default="test", show_default=True, help="Split to evaluate.")
+@click.option("--batch-size", default=64, show_default=True, help="Encoding batch size.")
+@click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
+@click.option(
+    "--rerank-teacher", default=None, help="Teacher spec to re-rank the top-K (issue #4)."
+)
+@click.option("--rerank-k", default=128, show_default=True, help="K re-ranked by the teacher.")
+@device_option
+@json_option
+def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_k, device, as_json):
+    """Recall@1/5/10 both directions and RSUM (percent) of a dual encoder on one split.
+
+    Flickr30K/COCO protocol: an image query is correct at K if any of its captions is in its
+    top K; a caption query if its image is. RSUM is the sum of the six recalls.
+
+    Example:
+
+        cprd evaluate --data data/demo --student runs/cprd --split test --json
+    """
+    from pipeline.evaluate import EvalConfig, evaluate
+
+    _positive(batch_size=batch_size, rerank_k=rerank_k)
+    if rerank_teacher:
+        raise click.ClickException(
+            "--rerank-teacher needs the teacher adapter, which is not implemented yet (issue #4)"
+        )
+    cfg = EvalConfig(
+        data=data, student=student, split=split, batch_size=batch_size, seed=seed, device=device
+    )
+    result = evaluate(cfg)
+    rows = [{"name": "dual-encoder", **result["metrics"]}]
+    summary = {
+        "command": "evaluate",
+        "split": split,
+        "student": student,
+        "images": result["images"],
+        "captions": result["captions"],
+        **result["metrics"],
+        "rows": rows,
+    }
+    if not as_json:
+        click.echo(_metrics_table(rows))
+    _emit(summary, as_json, f"{result['images']} images, {result['captions']} captions ({split})")
+
+
+def _metrics_table(rows: list[dict]) -> str:
+    from pipeline.metrics import METRIC_KEYS
+
+    width = max(len(r["name"]) for r in rows) + 2
+    head = f"{'':<{width}}" + "".join(f"{k:>10}" for k in METRIC_KEYS)
+    lines = [head] + [
+        f"{r['name']:<{width}}" + "".join(f"{r[k]:>10.2f}" for k in METRIC_KEYS) for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise click.BadParameter(f"must be >= 1, got {value}", param_hint=f"'{flag}'")
+
+
 # ---- stages not built yet ------------------------------------------------------------------------
 
 
@@ -270,8 +433,6 @@ def _not_yet(name: str, issue: int, summary: str) -> None:
     )
 
 
-_not_yet("mine-candidates", 3, "Mine top-k candidates per query with a dual encoder and FAISS.")
-_not_yet("evaluate", 3, "Recall@1/5/10 both directions and RSUM, optionally teacher re-ranked.")
 _not_yet("score-teacher", 4, "Score candidate pairs with the cross-encoder once, into a cache.")
 _not_yet("train-teacher", 4, "Train or fine-tune a BLIP image-text-matching cross-encoder.")
 _not_yet("train-student", 5, "Train the dual encoder with CPRD from the cached teacher ranks.")

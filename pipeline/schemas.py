@@ -34,3 +34,22 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("caption", pa.string(), nullable=False),  # verbatim text, unicode untouched
     ]
 )
+
+# ---- candidates directory (mine-candidates) ---------------------------------------------------
+CANDIDATES_JSON = "candidates.json"  # manifest: model, k, split, fingerprint, files; written last
+CANDIDATES_FILE = "candidates.parquet"
+CANDIDATES_FORMAT = "cprd-candidates"
+CANDIDATES_VERSION = 1
+EMBEDDINGS_DIR = "embeddings"  # image.npy, image_ids.npy, caption.npy, caption_ids.npy
+DIRECTIONS = ("i2t", "t2i")  # i2t: image queries over captions; t2i: caption queries over images
+
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        pa.field("direction", pa.string(), nullable=False),  # "i2t" or "t2i"
+        pa.field("query_id", pa.int64(), nullable=False),  # image_id (i2t) or caption_id (t2i)
+        pa.field("candidate_id", pa.int64(), nullable=False),  # caption_id (i2t) or image_id (t2i)
+        pa.field("rank", pa.int32(), nullable=False),  # 0-based rank under the miner, best first
+        pa.field("score", pa.float32(), nullable=False),  # the miner's cosine similarity
+        pa.field("is_positive", pa.bool_(), nullable=False),  # a ground-truth pair; never dropped
+    ]
+)

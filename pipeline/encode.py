@@ -1,0 +1,105 @@
+"""Encode a dataset split with a dual encoder: L2-normalised float32 embeddings, in batches.
+
+Letters in shape comments: N images, M captions, D embedding width, B batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The requested device, else CUDA when present, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (where it is fast and safe for inference); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], preprocess: Callable):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as img:
+            return self.preprocess(img.convert("RGB"))
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+@torch.no_grad()
+def encode_images(
+    model: torch.nn.Module,
+    preprocess: Callable,
+    paths: list[Path],
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(N, D) float32 unit-norm image embeddings, row i for ``paths[i]``."""
+    device = device or pick_device()
+    # Decoding and resizing run in worker processes so they overlap the forward passes; small
+    # jobs stay in-process where worker start-up would cost more than it saves.
+    workers = min(4, max((os.cpu_count() or 1) - 1, 0)) if len(paths) > 4 * batch_size else 0
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=workers
+    )
+    out = []
+    for pixels in tqdm(loader, desc="encoding images", unit="batch", disable=not progress):
+        with autocast(device):
+            emb = model.encode_image(pixels.to(device), normalize=True)  # (B, D)
+        out.append(emb.float().cpu().numpy())
+    return _stack(out)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    texts: list[str],
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(M, D) float32 unit-norm caption embeddings, row j for ``texts[j]``."""
+    device = device or pick_device()
+    out = []
+    batches = list(_batches(len(texts), batch_size))
+    for sl in tqdm(batches, desc="encoding captions", unit="batch", disable=not progress):
+        tokens = tokenizer(texts[sl]).to(device)  # (B, L)
+        with autocast(device):
+            emb = model.encode_text(tokens, normalize=True)  # (B, D)
+        out.append(emb.float().cpu().numpy())
+    return _stack(out)
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    emb = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    if not np.isfinite(emb).all():
+        raise ValueError("the model produced NaN or infinite embeddings; check its weights")
+    return emb

@@ -1,0 +1,87 @@
+"""``cprd evaluate``: Recall@1/5/10 in both directions and RSUM for a dual encoder on one split.
+
+Letters in shape comments: N images, M captions, D embedding width, B queries in a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.dataset import Dataset
+from pipeline.encode import encode_images, encode_texts, pick_device
+from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: Path  # dataset dir
+    student: str  # model spec
+    split: str = "test"  # split to evaluate on
+    batch_size: int = 64  # encoding batch size
+    chunk_size: int = 1024  # queries ranked at once (bounds memory to chunk x gallery)
+    seed: int = 0  # torch seed, for the random init of `tiny`
+    device: str | None = None  # None: CUDA when present, else CPU
+
+
+def ranks_from_embeddings(
+    image: np.ndarray, caption: np.ndarray, caption_to_image: np.ndarray, chunk_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t ranks (N,), t2i ranks (M,)) from unit-norm embeddings, never holding the N x M matrix.
+
+    ``caption_to_image`` (M,) is the row of ``image`` that each caption describes.
+    """
+    img, cap = torch.from_numpy(image), torch.from_numpy(caption)  # (N, D), (M, D)
+    owner = torch.as_tensor(caption_to_image, dtype=torch.long)  # (M,)
+    i2t = [
+        i2t_ranks(
+            img[s : s + chunk_size] @ cap.T, torch.arange(s, min(s + chunk_size, len(img))), owner
+        )
+        for s in range(0, len(img), chunk_size)
+    ]
+    t2i = [
+        t2i_ranks(cap[s : s + chunk_size] @ img.T, owner[s : s + chunk_size])
+        for s in range(0, len(cap), chunk_size)
+    ]
+    return np.concatenate(i2t), np.concatenate(t2i)
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Encode the split and return ``{"split", "model", "images", "captions", "metrics"}``."""
+    from student.models import load_model
+
+    ds = Dataset.load(cfg.data)
+    images, captions = ds.split(cfg.split)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    loaded = load_model(cfg.student, device=device)
+    img = encode_images(
+        loaded.model,
+        loaded.preprocess,
+        [ds.image_path(p) for p in images["path"]],
+        batch_size=cfg.batch_size,
+        device=device,
+        progress=progress,
+    )
+    cap = encode_texts(
+        loaded.model,
+        loaded.tokenizer,
+        captions["caption"].to_list(),
+        batch_size=4 * cfg.batch_size,
+        device=device,
+        progress=progress,
+    )
+    # Map each caption's image_id to its row among this split's images.
+    row_of = {image_id: row for row, image_id in enumerate(images["image_id"].to_list())}
+    owner = np.array([row_of[i] for i in captions["image_id"].to_list()], dtype=np.int64)
+    i2t, t2i = ranks_from_embeddings(img, cap, owner, cfg.chunk_size)
+    return {
+        "split": cfg.split,
+        "model": loaded.identity,
+        "images": len(img),
+        "captions": len(cap),
+        "metrics": retrieval_metrics_from_ranks(i2t, t2i),
+    }

@@ -1,0 +1,209 @@
+"""Stage 1, ``cprd mine-candidates``: each query's top-k items of the other modality.
+
+Letters in shape comments: N images, M captions, D embedding width, K candidates per query.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import atomic
+from pipeline.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
+from pipeline.dataset import Dataset
+from pipeline.encode import encode_images, encode_texts, pick_device
+from pipeline.search import INDEXES, approximate_recall, topk_search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    data: Path  # dataset dir
+    student: str  # model spec: tiny, an open_clip name[:tag|:ckpt], or a train-student dir
+    out: Path  # candidates dir to write
+    split: str = "train"  # which split's queries and gallery
+    k: int = 32  # candidates kept per query, both directions
+    index: str = "flat"  # flat (exact) | ivf | hnsw (approximate, recall measured and reported)
+    batch_size: int = 64  # encoding batch size
+    seed: int = 0  # torch seed, for the random init of `tiny`
+    device: str | None = None  # None: CUDA when present, else CPU
+    embeddings_from: Path | None = None  # reuse another candidates dir's embeddings
+    overwrite: bool = False  # replace `out` if it exists
+
+
+def _reusable(source: Path, fingerprint: str, split: str, identity: dict) -> Embeddings | None:
+    """The embeddings of candidates dir ``source`` if made from the same data, split and weights."""
+    manifest = read_manifest(source)
+    same = (
+        manifest["dataset"]["fingerprint"] == fingerprint
+        and manifest["split"] == split
+        and manifest["model"].get("weights_sha256") == identity.get("weights_sha256")
+    )
+    return load_embeddings(source, manifest) if same else None
+
+
+def _embed(
+    cfg: MineConfig, ds: Dataset, images, captions, progress: bool
+) -> tuple[Embeddings, dict]:
+    from student.models import load_model
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    loaded = load_model(cfg.student, device=device)
+    sources = [cfg.embeddings_from] if cfg.embeddings_from else []
+    if cfg.overwrite and (Path(cfg.out) / "candidates.json").is_file():
+        sources.append(Path(cfg.out))
+    for source in sources:
+        emb = _reusable(Path(source), ds.fingerprint, cfg.split, loaded.identity)
+        if (
+            emb is not None
+            and np.array_equal(emb.image_ids, images["image_id"].to_numpy())
+            and np.array_equal(emb.caption_ids, captions["caption_id"].to_numpy())
+        ):
+            log.info(
+                "reusing embeddings from %s (same dataset, split and weights): no encoding", source
+            )
+            return emb, loaded.identity
+        if cfg.embeddings_from and Path(source) == Path(cfg.embeddings_from):
+            raise ValueError(
+                f"--embeddings-from '{source}' was made with another dataset, split or model; "
+                "drop the option to encode afresh"
+            )
+    paths = [ds.image_path(p) for p in images["path"]]
+    emb = Embeddings(
+        image=encode_images(
+            loaded.model,
+            loaded.preprocess,
+            paths,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=progress,
+        ),
+        image_ids=images["image_id"].to_numpy().astype(np.int64),
+        caption=encode_texts(
+            loaded.model,
+            loaded.tokenizer,
+            captions["caption"].to_list(),
+            batch_size=4 * cfg.batch_size,
+            device=device,
+            progress=progress,
+        ),
+        caption_ids=captions["caption_id"].to_numpy().astype(np.int64),
+    )
+    return emb, loaded.identity
+
+
+def _direction(
+    name: str,
+    queries,
+    query_ids,
+    gallery,
+    gallery_ids,
+    query_owner,
+    gallery_owner,
+    k: int,
+    index: str,
+) -> tuple[pa.Table, float | None]:
+    """One direction's candidate rows, plus the index's measured recall when approximate."""
+    scores, rows = topk_search(queries, gallery, k, index=index)  # (Q, K) each
+    recall = None if index == "flat" else approximate_recall(queries, gallery, k, rows)
+    found = rows >= 0  # an approximate index may return fewer than k
+    q_idx = np.broadcast_to(np.arange(len(queries))[:, None], rows.shape)[found]
+    cand = rows[found]
+    rank = np.broadcast_to(np.arange(rows.shape[1], dtype=np.int32)[None, :], rows.shape)[found]
+    table = pa.table(
+        {
+            "direction": pa.array([name] * len(cand), pa.string()),
+            "query_id": query_ids[q_idx],
+            "candidate_id": gallery_ids[cand],
+            "rank": rank,
+            "score": scores[found].astype(np.float32),
+            "is_positive": query_owner[q_idx] == gallery_owner[cand],
+        }
+    )
+    return table, recall
+
+
+def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
+    """Encode the split, search both directions, write the candidates dir; return its manifest."""
+    if cfg.k < 1:
+        raise ValueError(f"--k must be >= 1, got {cfg.k}")
+    if cfg.index not in INDEXES:
+        raise ValueError(f"--index must be one of {', '.join(INDEXES)}, got '{cfg.index}'")
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise FileExistsError(
+            f"output '{cfg.out}' already exists; choose another --out or pass --overwrite"
+        )
+    ds = Dataset.load(cfg.data)
+    images, captions = ds.split(cfg.split)
+    emb, identity = _embed(cfg, ds, images, captions, progress)
+
+    # Each caption's image id, and each image's own id, decide which pairs are positives.
+    caption_owner = captions["image_id"].to_numpy()  # (M,)
+    image_owner = images["image_id"].to_numpy()  # (N,)
+    k_i2t, k_t2i = min(cfg.k, len(emb.caption_ids)), min(cfg.k, len(emb.image_ids))
+    for k_dir, n, what in (
+        (k_i2t, len(emb.caption_ids), "captions"),
+        (k_t2i, len(emb.image_ids), "images"),
+    ):
+        if k_dir < cfg.k:
+            log.warning(
+                "--k %d is more than the %d %s of split '%s'; keeping all %d",
+                cfg.k,
+                n,
+                what,
+                cfg.split,
+                k_dir,
+            )
+    i2t, rec_i2t = _direction(
+        "i2t",
+        emb.image,
+        emb.image_ids,
+        emb.caption,
+        emb.caption_ids,
+        image_owner,
+        caption_owner,
+        k_i2t,
+        cfg.index,
+    )
+    t2i, rec_t2i = _direction(
+        "t2i",
+        emb.caption,
+        emb.caption_ids,
+        emb.image,
+        emb.image_ids,
+        caption_owner,
+        image_owner,
+        k_t2i,
+        cfg.index,
+    )
+    recall = None if cfg.index == "flat" else {"i2t": rec_i2t, "t2i": rec_t2i}
+    if recall:
+        log.info(
+            "%s index recall@k vs exact search: i2t %.4f, t2i %.4f", cfg.index, rec_i2t, rec_t2i
+        )
+
+    manifest = {
+        "dataset": {"path": str(Path(cfg.data).resolve()), "fingerprint": ds.fingerprint},
+        "split": cfg.split,
+        "model": identity,
+        "k": cfg.k,
+        "k_used": {"i2t": k_i2t, "t2i": k_t2i},
+        "index": cfg.index,
+        "index_recall": recall,
+        "counts": {
+            "images": len(emb.image_ids),
+            "captions": len(emb.caption_ids),
+            "i2t": i2t.num_rows,
+            "t2i": t2i.num_rows,
+        },
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    with atomic.atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        return write_candidates(tmp, pa.concat_tables([i2t, t2i]), emb, manifest)
