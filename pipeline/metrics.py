@@ -46,7 +46,9 @@ def _check_scores(sim: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN scores; check the embeddings for NaN/inf first")
 
 
-def i2t_ranks(sim_chunk: ArrayLike, image_index: ArrayLike, caption_to_image: ArrayLike) -> np.ndarray:
+def i2t_ranks(
+    sim_chunk: ArrayLike, image_index: ArrayLike, caption_to_image: ArrayLike
+) -> np.ndarray:
     """Return the (B,) int64 rank of each image query's best caption (0 = retrieved first).
 
     ``sim_chunk`` is (B, T): rows are image queries, columns all T captions. ``image_index`` (B,)
@@ -134,7 +136,9 @@ def retrieval_metrics(
             "(columns); sim must be (n_images, n_captions) with one image index per caption"
         )
     if n_images == 0 or n_captions == 0:
-        raise ValueError(f"sim must have at least one image and one caption, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"sim must have at least one image and one caption, got {tuple(scores.shape)}"
+        )
     if cap_img.min() < 0 or cap_img.max() >= n_images:
         raise ValueError(
             f"caption_to_image values must lie in [0, {n_images - 1}] (sim has {n_images} image "
@@ -144,7 +148,9 @@ def retrieval_metrics(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
     i2t = [
-        i2t_ranks(scores[s : s + chunk_size], torch.arange(s, min(s + chunk_size, n_images)), cap_img)
+        i2t_ranks(
+            scores[s : s + chunk_size], torch.arange(s, min(s + chunk_size, n_images)), cap_img
+        )
         for s in range(0, n_images, chunk_size)
     ]
     t2i = [

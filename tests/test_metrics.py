@@ -111,9 +111,15 @@ def test_streaming_equals_full_matrix():
     img = torch.from_numpy(rng.normal(size=(9, 8)).astype(np.float32))
     c2i = torch.from_numpy(np.repeat(np.arange(9), 3))
     txt = img[c2i] + 0.8 * torch.randn(27, 8, generator=torch.Generator().manual_seed(0))
-    i2t = np.concatenate([i2t_ranks(img[s : s + 4] @ txt.T, torch.arange(s, min(s + 4, 9)), c2i)
-                          for s in range(0, 9, 4)])
-    t2i = np.concatenate([t2i_ranks(txt[s : s + 5] @ img.T, c2i[s : s + 5]) for s in range(0, 27, 5)])
+    i2t = np.concatenate(
+        [
+            i2t_ranks(img[s : s + 4] @ txt.T, torch.arange(s, min(s + 4, 9)), c2i)
+            for s in range(0, 9, 4)
+        ]
+    )
+    t2i = np.concatenate(
+        [t2i_ranks(txt[s : s + 5] @ img.T, c2i[s : s + 5]) for s in range(0, 27, 5)]
+    )
     assert retrieval_metrics_from_ranks(i2t, t2i) == retrieval_metrics(img @ txt.T, c2i)
 
 
