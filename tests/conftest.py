@@ -100,3 +100,22 @@ def demo_dataset(demo_dataset_master: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "demo"
     shutil.copytree(demo_dataset_master, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """A 3-split dataset of 24 real PNG files, 2-3 captions each, imported the real way (read-only)."""
+    from pipeline.importers import build_dataset
+
+    base = tmp_path_factory.mktemp("small")
+    colours = ["red", "green", "blue", "yellow"]
+    paths, splits, captions = [], [], []
+    for i in range(24):
+        rgb = ((i * 53) % 256, (i * 97) % 256, (i * 151) % 256)
+        paths.append(write_image(base / "img" / f"{i:02d}.png", rgb, fmt="PNG"))
+        splits.append(["train", "train", "val", "test"][i % 4])
+        captions.append(
+            [f"a {colours[i % 4]} picture number {i} view {j}" for j in range(2 + i % 2)]
+        )
+    build_dataset(base / "ds", paths, splits, captions, {"kind": "test"}, progress=False)
+    return base / "ds"
