@@ -420,6 +420,154 @@ def _positive(**values: int) -> None:
             raise click.BadParameter(f"must be >= 1, got {value}", param_hint=f"'{flag}'")
 
 
+# ---- stage 2: the teacher cache ------------------------------------------------------------------
+
+
+@cli.command("score-teacher")
+@click.option(
+    "--candidates",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Candidates dir from mine-candidates.",
+)
+@click.option("--teacher", required=True, help="BLIP ITM checkpoint dir (or hub id).")
+@click.option(
+    "--shards",
+    default=64,
+    show_default=True,
+    help="Shard count of a new cache (an existing cache keeps its own).",
+)
+@click.option(
+    "--cache-dir",
+    default=Path("data/cache"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Cache root; the entry is CACHE_DIR/<key>.",
+)
+@click.option("--shard-ids", default=None, help="Only these shards, e.g. 0-15,32.")
+@click.option(
+    "--rank", type=int, default=None, help="Worker rank [default: torchrun/Slurm env, else 0]."
+)
+@click.option("--world-size", type=int, default=None, help="Workers [default: env, else 1].")
+@click.option("--batch-size", default=64, show_default=True, help="Caption batch size.")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset dir [default: the one recorded in the candidates].",
+)
+@device_option
+@json_option
+def score_teacher_cmd(
+    candidates,
+    teacher,
+    shards,
+    cache_dir,
+    shard_ids,
+    rank,
+    world_size,
+    batch_size,
+    data,
+    device,
+    as_json,
+):
+    """Score every unique candidate pair with the cross-encoder once, into a sharded cache.
+
+    Pairs already in the cache are not scored again; a killed run resumes; N machines can each
+    take a share (--rank/--world-size, torchrun or a Slurm array).
+
+    Example:
+
+        cprd score-teacher --candidates data/cand --teacher runs/teacher --shards 64 \\
+            --cache-dir data/cache --json
+    """
+    from pipeline.score import ScoreConfig, parse_shard_ids, score_teacher
+
+    _positive(shards=shards, batch_size=batch_size)
+    cfg = ScoreConfig(
+        candidates=candidates,
+        teacher=teacher,
+        cache_dir=cache_dir,
+        shards=shards,
+        shard_ids=parse_shard_ids(shard_ids) if shard_ids else None,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        data=data,
+        device=device,
+    )
+    summary = {"command": "score-teacher", **score_teacher(cfg)}
+    if "teacher_score" in summary and not as_json:
+        click.echo(_distribution_table(summary["teacher_score"], summary["miner_score"]))
+    state = "complete" if summary["complete"] else "incomplete (other shards pending)"
+    _emit(
+        summary,
+        as_json,
+        f"scored {summary['pairs_scored']} of {summary['pairs_total']} pairs "
+        f"({summary['shards_written']} shards written, {summary['shards_skipped']} skipped); "
+        f"cache {state}: {summary['cache_path']}",
+    )
+
+
+def _distribution_table(teacher: dict, miner: dict) -> str:
+    keys = list(teacher)
+    lines = [f"{'scores':<10}" + "".join(f"{k:>9}" for k in keys)]
+    for name, d in (("teacher", teacher), ("miner", miner)):
+        lines.append(f"{name:<10}" + "".join(f"{d[k]:>9.3f}" for k in keys))
+    return "\n".join(lines)
+
+
+@cli.group("cache", context_settings=CONTEXT)
+def cache_group():
+    """Inspect teacher caches: what is cached, for which dataset and teacher, complete or not."""
+
+
+@cache_group.command("list")
+@click.argument("cache_dir", type=click.Path(path_type=Path))
+@json_option
+def cache_list(cache_dir, as_json):
+    """List the cache entries under a cache root.
+
+    Example:
+
+        cprd cache list data/cache
+    """
+    from pipeline.cache import list_caches
+
+    entries = list_caches(cache_dir)
+    if as_json:
+        click.echo(json.dumps({"caches": entries}, sort_keys=True))
+        return
+    for e in entries:
+        state = "complete" if e["complete"] else f"{e['shards_complete']}/{e['num_shards']} shards"
+        click.echo(
+            f"{e['cache_path']}  {e['pairs']} pairs  {state}  teacher "
+            f"{e['teacher'].get('spec')}  dataset {e['dataset_fingerprint'][:12]}"
+        )
+    if not entries:
+        click.echo(f"no caches under {cache_dir}")
+
+
+@cache_group.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def cache_info_cmd(path, as_json):
+    """Show one cache entry: dataset, teacher, precision, shards complete, pairs.
+
+    Example:
+
+        cprd cache info data/cache/0123abcd
+    """
+    from pipeline.cache import cache_info
+
+    info = cache_info(path)
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+        return
+    for k, v in info.items():
+        click.echo(f"{k:<20}{v}")
+
+
 # ---- stages not built yet ------------------------------------------------------------------------
 
 
@@ -433,7 +581,6 @@ def _not_yet(name: str, issue: int, summary: str) -> None:
     )
 
 
-_not_yet("score-teacher", 4, "Score candidate pairs with the cross-encoder once, into a cache.")
 _not_yet("train-teacher", 4, "Train or fine-tune a BLIP image-text-matching cross-encoder.")
 _not_yet("train-student", 5, "Train the dual encoder with CPRD from the cached teacher ranks.")
 _not_yet("demo", 6, "Run the whole pipeline on the embedded synthetic dataset on CPU.")

@@ -1,0 +1,228 @@
+"""Stage 2, ``cprd score-teacher``: score every unique candidate pair with the teacher, once.
+
+Work is split into the cache's N shards (pipeline.cache); each worker takes
+``shards[rank::world_size]`` (of ``--shard-ids`` when given), holds a shard's lock while it scores
+it, and skips shards that are complete or held by another process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import atomic, cache
+from pipeline.candidates import load_candidates
+from pipeline.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    candidates: Path  # candidates dir from mine-candidates
+    teacher: str  # teacher spec: a BLIP ITM checkpoint dir or hub id
+    cache_dir: Path  # cache root; the entry is cache_dir/<key>
+    shards: int = 64  # shard count of a new cache (an existing cache keeps its own)
+    shard_ids: tuple[int, ...] | None = None  # only these shards (None: all)
+    rank: int | None = None  # this worker's rank (None: torchrun / Slurm env, else 0)
+    world_size: int | None = None  # number of workers (None: torchrun / Slurm env, else 1)
+    batch_size: int = 64  # caption batch size of the text encoder
+    images_per_step: int = 16  # images (with all their captions) handed to the teacher at once
+    data: Path | None = None  # dataset dir (None: the path recorded in the candidates manifest)
+    device: str | None = None  # None: CUDA when present, else CPU
+
+
+def parse_shard_ids(text: str, num_shards: int | None = None) -> tuple[int, ...]:
+    """``"0-15,32"`` -> (0, ..., 15, 32); ValueError naming --shard-ids for bad text."""
+    ids: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            ids.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"--shard-ids '{text}' is not a list like 0-15,32") from None
+    if not ids or min(ids) < 0 or (num_shards is not None and max(ids) >= num_shards):
+        raise ValueError(f"--shard-ids '{text}' must name shards in 0..{(num_shards or 1) - 1}")
+    return tuple(sorted(ids))
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size) from the flags, else torchrun's env, else a Slurm array, else (0, 1)."""
+    if rank is None and world_size is None:
+        env = os.environ
+        if "WORLD_SIZE" in env:
+            rank, world_size = int(env.get("RANK", 0)), int(env["WORLD_SIZE"])
+        elif "SLURM_ARRAY_TASK_COUNT" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            rank = int(env["SLURM_ARRAY_TASK_ID"]) - first
+            world_size = int(env["SLURM_ARRAY_TASK_COUNT"])
+    rank, world_size = rank or 0, world_size or 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"--rank must lie in 0..--world-size-1, got rank {rank} of {world_size}")
+    return rank, world_size
+
+
+def unique_pairs(cand: pl.DataFrame) -> pl.DataFrame:
+    """The (image_id, caption_id) pairs of both directions, each once, sorted."""
+    i2t = cand.filter(pl.col("direction") == "i2t").select(
+        pl.col("query_id").alias("image_id"), pl.col("candidate_id").alias("caption_id")
+    )
+    t2i = cand.filter(pl.col("direction") == "t2i").select(
+        pl.col("candidate_id").alias("image_id"), pl.col("query_id").alias("caption_id")
+    )
+    return pl.concat([i2t, t2i]).unique().sort("image_id", "caption_id")
+
+
+def describe(values: np.ndarray) -> dict:
+    """mean, std and quantiles of a score distribution (DESIGN 1: teacher vs miner shapes)."""
+    v = np.asarray(values, dtype=np.float64)
+    out = {"mean": float(v.mean()), "std": float(v.std())}
+    out.update({f"q{int(q * 100):02d}": float(np.quantile(v, q)) for q in QUANTILES})
+    return out
+
+
+def _score(teacher, ds: Dataset, pairs: pl.DataFrame, cfg: ScoreConfig, bar: tqdm) -> pl.DataFrame:
+    """Teacher scores of ``pairs``, grouped by image so that each image is encoded once."""
+    from teacher.model import score_grouped
+
+    groups = pairs.group_by("image_id", maintain_order=True).agg("caption_id")
+    paths = dict(ds.images.select("image_id", "path").iter_rows())
+    texts = ds.captions["caption"]
+    out = []
+    for start in range(0, groups.height, cfg.images_per_step):
+        step = groups.slice(start, cfg.images_per_step)
+        images = []
+        for image_id in step["image_id"]:
+            with Image.open(ds.image_path(paths[image_id])) as img:
+                images.append(img.convert("RGB"))
+        captions = [[texts[c] for c in ids] for ids in step["caption_id"]]
+        result = score_grouped(teacher, images, captions, batch_size=cfg.batch_size)
+        out.append(
+            pl.DataFrame(
+                {
+                    "image_id": np.repeat(step["image_id"].to_numpy(), [len(c) for c in captions]),
+                    "caption_id": np.concatenate(step["caption_id"].to_list()).astype(np.int64),
+                    "score": np.concatenate(result.logits).astype(np.float32),
+                    "prob": np.concatenate(result.probs).astype(np.float32),
+                }
+            )
+        )
+        bar.update(sum(len(c) for c in captions))
+    return pl.concat(out)
+
+
+def _existing(path: Path, shard: int) -> pl.DataFrame | None:
+    """A shard's rows if they can be trusted: marker and file agree, or the marker is missing
+    (a run killed between the shard's rename and its marker: the file itself is complete)."""
+    rows = cache.read_shard(path, shard)
+    marker = cache.read_marker(path, shard)
+    if rows is None or marker is None:
+        return rows
+    f = path / f"{cache.shard_name(shard)}.parquet"
+    if atomic.file_sha256(f) != marker["sha256"]:
+        log.warning("shard %d does not match its marker (damaged); scoring it again", shard)
+        return None
+    return rows
+
+
+def score_teacher(cfg: ScoreConfig, progress: bool = True) -> dict:
+    """Score the missing pairs of this worker's shards; return the run summary."""
+    from teacher.model import load_teacher
+
+    if cfg.shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {cfg.shards}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    manifest, cand = load_candidates(cfg.candidates)
+    ds = Dataset.load(cfg.data or manifest["dataset"]["path"])
+    if ds.fingerprint != manifest["dataset"]["fingerprint"]:
+        raise ValueError(
+            f"dataset '{ds.root}' is not the one candidates '{cfg.candidates}' were "
+            "mined from (fingerprints differ); pass the right --data"
+        )
+    pairs = unique_pairs(cand)
+    teacher = load_teacher(cfg.teacher, device=cfg.device)
+    key, fields = cache.cache_key(ds.fingerprint, teacher.identity)
+    path = cache.open_cache(cfg.cache_dir, fields, key, cfg.shards, teacher.identity)
+    num_shards = cache.read_key(path)["num_shards"]
+
+    pairs = pairs.with_columns(
+        shard=cache.shard_of(
+            pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy(), num_shards
+        )
+    )
+    mine = cfg.shard_ids if cfg.shard_ids is not None else range(num_shards)
+    if cfg.shard_ids is not None and max(cfg.shard_ids) >= num_shards:
+        raise ValueError(
+            f"--shard-ids names shard {max(cfg.shard_ids)}, the cache has "
+            f"{num_shards} (0..{num_shards - 1})"
+        )
+    mine = list(mine)[rank::world]
+
+    by_shard = {
+        s: df.drop("shard") for (s,), df in pairs.partition_by("shard", as_dict=True).items()
+    }
+    todo = {}
+    for shard in mine:
+        need = by_shard.get(shard, pairs.clear().drop("shard"))
+        have = _existing(path, shard)
+        missing = (
+            need if have is None else need.join(have, on=["image_id", "caption_id"], how="anti")
+        )
+        todo[shard] = (have, missing)
+    total = sum(m.height for _, m in todo.values())
+
+    written, skipped, busy, scored = [], [], [], 0
+    bar = tqdm(total=total, desc="teacher pairs", unit="pair", disable=not progress)
+    for shard in mine:
+        have, missing = todo[shard]
+        if missing.height == 0 and cache.read_marker(path, shard) is not None:
+            log.info("shard %d: complete, skipped", shard)
+            skipped.append(shard)
+            continue
+        with cache.shard_lock(path, shard) as got:
+            if not got:
+                log.info("shard %d: held by another process, skipped", shard)
+                busy.append(shard)
+                continue
+            have = _existing(path, shard)  # another process may have finished it meanwhile
+            need = by_shard.get(shard, pairs.clear().drop("shard"))
+            if have is not None:
+                missing = need.join(have, on=["image_id", "caption_id"], how="anti")
+            new = _score(teacher, ds, missing, cfg, bar) if missing.height else None
+            parts = [p for p in (have, new) if p is not None]
+            rows = pl.concat(parts) if parts else pl.from_arrow(cache.SHARD_SCHEMA.empty_table())
+            cache.write_shard(path, shard, rows)
+            scored += 0 if new is None else new.height
+            written.append(shard)
+    bar.close()
+    final = cache.finalize(path)
+    summary = {
+        "cache_path": str(path),
+        "key": key,
+        "num_shards": num_shards,
+        "rank": rank,
+        "world_size": world,
+        "pairs_total": pairs.height,
+        "pairs_scored": scored,
+        "shards_written": len(written),
+        "shards_skipped": len(skipped),
+        "shards_busy": len(busy),
+        "complete": final is not None,
+    }
+    if final is not None:
+        _, all_scores = cache.load_scores(path)
+        needed = pairs.join(all_scores, on=["image_id", "caption_id"], how="inner")
+        summary["teacher_score"] = describe(needed["score"].to_numpy())
+        summary["miner_score"] = describe(cand["score"].to_numpy())
+    return summary

@@ -1,0 +1,287 @@
+"""Stage 2 (score-teacher) and the teacher cache, with a tiny real BLIP the tests build and save."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from conftest import assert_error, run
+from PIL import Image
+
+from pipeline import cache
+from pipeline.candidates import load_candidates
+from pipeline.dataset import Dataset
+from pipeline.score import parse_shard_ids, resolve_rank, unique_pairs
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(small_dataset, tmp_path_factory) -> Path:
+    """A tiny, randomly initialised BLIP ITM model saved with save_pretrained."""
+    from teacher.tiny import build_tiny_teacher
+
+    torch.manual_seed(0)
+    captions = Dataset.load(small_dataset).captions["caption"].to_list()
+    model, processor = build_tiny_teacher(
+        captions,
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        vision_layers=1,
+        text_layers=1,
+        heads=2,
+    )
+    out = tmp_path_factory.mktemp("teacher") / "blip"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cands(small_dataset, tmp_path_factory) -> dict[int, Path]:
+    """Candidates of the train split mined with k=3 and k=5 (same tiny student)."""
+    base = tmp_path_factory.mktemp("cands")
+    out = {}
+    for k in (3, 5):
+        result = run("mine-candidates", "--data", small_dataset, "--out", base / f"k{k}", "--k", k)
+        assert result.exit_code == 0, result.output
+        out[k] = base / f"k{k}"
+    return out
+
+
+def score(cand: Path, teacher: Path, cache_dir: Path, *extra) -> dict:
+    result = run(
+        "score-teacher",
+        "--candidates",
+        cand,
+        "--teacher",
+        teacher,
+        "--cache-dir",
+        cache_dir,
+        "--json",
+        *extra,
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def all_rows(path: Path) -> pl.DataFrame:
+    return cache.load_scores(path)[1].sort("image_id", "caption_id")
+
+
+def test_scores_every_unique_pair_once(cands, teacher_dir, tmp_path):
+    """N shard files plus a manifest; each unique pair of both directions scored exactly once."""
+    s = score(cands[3], teacher_dir, tmp_path, "--shards", "4")
+    path = Path(s["cache_path"])
+    assert sorted(p.name for p in path.glob("shard-*.parquet")) == [
+        f"shard-{i:05d}.parquet" for i in range(4)
+    ]
+    assert (path / "cache.json").is_file() and s["complete"]
+    _, cand = load_candidates(cands[3])
+    pairs = unique_pairs(cand)
+    assert pairs.height < cand.height  # the two directions overlap: dedup matters
+    assert s["pairs_total"] == s["pairs_scored"] == pairs.height
+    rows = all_rows(path)
+    assert rows.select("image_id", "caption_id").equals(pairs)
+    for shard in range(4):  # each row sits in the shard its pair hashes to
+        part = cache.read_shard(path, shard)
+        expect = cache.shard_of(part["image_id"].to_numpy(), part["caption_id"].to_numpy(), 4)
+        assert (expect == shard).all()
+    assert not list(path.glob(".*tmp-*"))
+    assert set(s["teacher_score"]) == {"mean", "std", "q05", "q25", "q50", "q75", "q95"}
+
+
+def test_batched_scores_equal_per_pair(small_dataset, cands, teacher_dir, tmp_path):
+    """Cached scores (image encoded once per group) equal one full forward per pair."""
+    from teacher.model import load_teacher, score_pairs_naive
+
+    s = score(cands[3], teacher_dir, tmp_path, "--shards", "2", "--batch-size", "3")
+    rows = all_rows(Path(s["cache_path"]))
+    ds = Dataset.load(small_dataset)
+    paths = dict(ds.images.select("image_id", "path").iter_rows())
+    teacher = load_teacher(str(teacher_dir))
+    for image_id, group in rows.group_by("image_id", maintain_order=True):
+        img = Image.open(ds.image_path(paths[image_id[0]])).convert("RGB")
+        texts = [ds.captions["caption"][c] for c in group["caption_id"]]
+        ref = score_pairs_naive(teacher, img, texts)
+        np.testing.assert_allclose(group["score"].to_numpy(), ref.logits[0], atol=1e-4)
+        np.testing.assert_allclose(group["prob"].to_numpy(), ref.probs[0], atol=1e-5)
+
+
+def test_second_run_scores_nothing(cands, teacher_dir, tmp_path):
+    """An identical second run reports pairs_scored 0 and skips every shard."""
+    first = score(cands[3], teacher_dir, tmp_path, "--shards", "3")
+    again = score(cands[3], teacher_dir, tmp_path, "--shards", "3")
+    assert again["cache_path"] == first["cache_path"]
+    assert again["pairs_scored"] == 0 and again["shards_skipped"] == 3
+    assert again["shards_written"] == 0
+
+
+def test_incremental_after_remine(cands, teacher_dir, tmp_path):
+    """A re-mine with a larger k scores only the new pairs, into the same N shards."""
+    first = score(cands[3], teacher_dir, tmp_path, "--shards", "4")
+    before = all_rows(Path(first["cache_path"]))
+    second = score(cands[5], teacher_dir, tmp_path, "--shards", "4")
+    assert second["cache_path"] == first["cache_path"]
+    new_pairs = unique_pairs(load_candidates(cands[5])[1]).join(
+        before.select("image_id", "caption_id"), on=["image_id", "caption_id"], how="anti"
+    )
+    assert second["pairs_scored"] == new_pairs.height > 0
+    after = all_rows(Path(second["cache_path"]))
+    assert len(list(Path(second["cache_path"]).glob("shard-*.parquet"))) == 4
+    kept = after.join(before, on=["image_id", "caption_id"], how="inner")
+    assert (kept["score"] == kept["score_right"]).all()  # old scores untouched
+    assert_error(
+        run(
+            "score-teacher",
+            "--candidates",
+            cands[5],
+            "--teacher",
+            teacher_dir,
+            "--cache-dir",
+            tmp_path,
+            "--shards",
+            "8",
+        ),
+        "has 4 shards",
+        "--shards 4",
+    )
+
+
+def test_resume_equals_clean_run(cands, teacher_dir, tmp_path):
+    """A run that stopped part-way (some shards done, one left mid-write) resumes to a clean run."""
+    clean = all_rows(
+        Path(score(cands[3], teacher_dir, tmp_path / "a", "--shards", "4")["cache_path"])
+    )
+    part = score(cands[3], teacher_dir, tmp_path / "b", "--shards", "4", "--shard-ids", "0-1")
+    path = Path(part["cache_path"])
+    assert not part["complete"] and not (path / "cache.json").exists()
+    # What a kill -9 can leave behind: a shard renamed but not yet recorded, and a temporary.
+    (path / "shard-00001.json").unlink()
+    (path / ".shard-00002.parquet.tmp-999-deadbeef").write_bytes(b"half")
+    resumed = score(cands[3], teacher_dir, tmp_path / "b", "--shards", "4")
+    assert resumed["complete"]
+    assert resumed["pairs_scored"] == clean.height - part["pairs_scored"]
+    assert all_rows(path).equals(clean)
+
+
+def test_workers_share_the_shards(cands, teacher_dir, tmp_path):
+    """Two ranks take disjoint shards; the one that completes the set writes the manifest."""
+    r0 = score(cands[3], teacher_dir, tmp_path, "--shards", "5", "--rank", "0", "--world-size", "2")
+    assert r0["shards_written"] == 3 and not r0["complete"]
+    r1 = score(cands[3], teacher_dir, tmp_path, "--shards", "5", "--rank", "1", "--world-size", "2")
+    assert r1["shards_written"] == 2 and r1["complete"]
+    assert r0["pairs_scored"] + r1["pairs_scored"] == r0["pairs_total"]
+
+
+def test_busy_shard_is_left_to_its_owner(cands, teacher_dir, tmp_path):
+    """A shard locked by another process is skipped, not written twice; a later run finishes it."""
+    first = score(cands[3], teacher_dir, tmp_path, "--shards", "2", "--shard-ids", "0")
+    path = Path(first["cache_path"])
+    with cache.shard_lock(path, 1) as got:
+        assert got
+        busy = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    assert busy["shards_busy"] == 1 and not busy["complete"]
+    assert not (path / "shard-00001.parquet").exists()
+    assert score(cands[3], teacher_dir, tmp_path, "--shards", "2")["complete"]
+
+
+def test_damaged_shard_detected_and_rescored(cands, teacher_dir, tmp_path):
+    """A shard whose bytes changed is refused by readers, and score-teacher scores it again."""
+    s = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    path = Path(s["cache_path"])
+    clean = all_rows(path)
+    f = path / "shard-00000.parquet"
+    f.write_bytes(f.read_bytes()[:-20])
+    with pytest.raises(ValueError, match="shard-00000.parquet.*damaged"):
+        cache.load_scores(path)
+    again = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    assert again["pairs_scored"] > 0 and all_rows(path).equals(clean)
+
+
+def test_cache_list_and_info(cands, teacher_dir, tmp_path):
+    """cache list/info say what is cached, for which dataset and teacher, complete or not."""
+    s = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    listed = json.loads(run("cache", "list", tmp_path, "--json").stdout)["caches"]
+    assert [e["cache_path"] for e in listed] == [s["cache_path"]]
+    info = json.loads(run("cache", "info", s["cache_path"], "--json").stdout)
+    assert info["complete"] and info["pairs"] == s["pairs_total"] and info["num_shards"] == 2
+    assert info["teacher"]["spec"] == str(teacher_dir)
+    text = run("cache", "list", tmp_path)
+    assert text.exit_code == 0 and "complete" in text.output
+    assert_error(run("cache", "info", cands[3]), "not a teacher cache", "candidates dir")
+    assert_error(run("cache", "info", tmp_path), "cache root")
+
+
+def test_bad_scoring_input(cands, teacher_dir, tmp_path, small_dataset):
+    """Bad --shards, a missing candidates dir, an unloadable teacher: one clear line each."""
+    base = ["score-teacher", "--cache-dir", tmp_path / "c"]
+    assert_error(
+        run(*base, "--candidates", cands[3], "--teacher", teacher_dir, "--shards", "0"),
+        "--shards",
+        "must be >= 1",
+    )
+    assert_error(
+        run(*base, "--candidates", tmp_path / "none", "--teacher", teacher_dir),
+        "does not exist",
+        "mine-candidates",
+    )
+    assert_error(
+        run(*base, "--candidates", small_dataset, "--teacher", teacher_dir), "not a candidates dir"
+    )
+    (tmp_path / "empty").mkdir()
+    assert_error(
+        run(*base, "--candidates", cands[3], "--teacher", tmp_path / "empty"), "not a loadable BLIP"
+    )
+    assert_error(
+        run(*base, "--candidates", cands[3], "--teacher", teacher_dir, "--shard-ids", "3-x"),
+        "--shard-ids",
+    )
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").rglob("shard-*"))
+
+
+def test_cache_for_other_teacher_is_another_entry(cands, teacher_dir, tmp_path):
+    """Another teacher's weights give another cache key: nothing is mixed up."""
+    from transformers import BlipForImageTextRetrieval
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher_dir, other)
+    model = BlipForImageTextRetrieval.from_pretrained(other)
+    with torch.no_grad():
+        model.itm_head.bias.add_(1.0)
+    model.save_pretrained(other)
+    a = score(cands[3], teacher_dir, tmp_path / "c", "--shards", "2")
+    b = score(cands[3], other, tmp_path / "c", "--shards", "2")
+    assert a["cache_path"] != b["cache_path"] and b["pairs_scored"] == b["pairs_total"]
+    with pytest.raises(ValueError, match="another dataset"):
+        cache.load_scores(Path(a["cache_path"]), fingerprint="0" * 64)
+
+
+def test_shard_ids_and_rank_parsing(monkeypatch):
+    """--shard-ids ranges parse; rank comes from flags, torchrun env, then Slurm arrays."""
+    assert parse_shard_ids("0-2,5") == (0, 1, 2, 5)
+    with pytest.raises(ValueError, match="--shard-ids"):
+        parse_shard_ids("2-a")
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_MIN",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_rank(None, None) == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert resolve_rank(None, None) == (1, 3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert resolve_rank(None, None) == (2, 4)
+    assert resolve_rank(1, 2) == (1, 2)
+    with pytest.raises(ValueError, match="--rank"):
+        resolve_rank(3, 2)
