@@ -361,7 +361,7 @@ def mine_candidates(
 @click.option("--batch-size", default=64, show_default=True, help="Encoding batch size.")
 @click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
 @click.option(
-    "--rerank-teacher", default=None, help="Teacher spec to re-rank the top-K (issue #4)."
+    "--rerank-teacher", default=None, help="Also report the top-K re-ranked by this teacher."
 )
 @click.option("--rerank-k", default=128, show_default=True, help="K re-ranked by the teacher.")
 @device_option
@@ -379,15 +379,20 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
     from pipeline.evaluate import EvalConfig, evaluate
 
     _positive(batch_size=batch_size, rerank_k=rerank_k)
-    if rerank_teacher:
-        raise click.ClickException(
-            "--rerank-teacher needs the teacher adapter, which is not implemented yet (issue #4)"
-        )
     cfg = EvalConfig(
-        data=data, student=student, split=split, batch_size=batch_size, seed=seed, device=device
+        data=data,
+        student=student,
+        split=split,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        rerank_teacher=rerank_teacher,
+        rerank_k=rerank_k,
     )
     result = evaluate(cfg)
     rows = [{"name": "dual-encoder", **result["metrics"]}]
+    if "rerank_metrics" in result:
+        rows.append({"name": f"teacher-rerank@{rerank_k}", **result["rerank_metrics"]})
     summary = {
         "command": "evaluate",
         "split": split,
@@ -396,6 +401,7 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
         "captions": result["captions"],
         **result["metrics"],
         "rows": rows,
+        "rerank": result.get("rerank_metrics"),
     }
     if not as_json:
         click.echo(_metrics_table(rows))

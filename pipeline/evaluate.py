@@ -25,6 +25,8 @@ class EvalConfig:
     chunk_size: int = 1024  # queries ranked at once (bounds memory to chunk x gallery)
     seed: int = 0  # torch seed, for the random init of `tiny`
     device: str | None = None  # None: CUDA when present, else CPU
+    rerank_teacher: str | None = None  # teacher spec: also report its re-ranking of the top-K
+    rerank_k: int = 128  # dual-encoder candidates per query the teacher re-ranks
 
 
 def ranks_from_embeddings(
@@ -78,10 +80,28 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     row_of = {image_id: row for row, image_id in enumerate(images["image_id"].to_list())}
     owner = np.array([row_of[i] for i in captions["image_id"].to_list()], dtype=np.int64)
     i2t, t2i = ranks_from_embeddings(img, cap, owner, cfg.chunk_size)
-    return {
+    result = {
         "split": cfg.split,
         "model": loaded.identity,
         "images": len(img),
         "captions": len(cap),
         "metrics": retrieval_metrics_from_ranks(i2t, t2i),
     }
+    if cfg.rerank_teacher:
+        from pipeline.rerank import rerank_metrics
+        from teacher.model import load_teacher
+
+        teacher = load_teacher(cfg.rerank_teacher, device=device)
+        paths = [ds.image_path(p) for p in images["path"]]
+        result["rerank_metrics"] = rerank_metrics(
+            img,
+            cap,
+            owner,
+            teacher,
+            paths,
+            captions["caption"].to_list(),
+            cfg.rerank_k,
+            progress=progress,
+        )
+        result["rerank_k"] = cfg.rerank_k
+    return result

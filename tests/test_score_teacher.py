@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -285,3 +286,59 @@ def test_shard_ids_and_rank_parsing(monkeypatch):
     assert resolve_rank(1, 2) == (1, 2)
     with pytest.raises(ValueError, match="--rank"):
         resolve_rank(3, 2)
+
+
+def test_rerank_matches_naive(small_dataset, teacher_dir, tmp_path):
+    """evaluate --rerank-teacher equals a per-pair loop: top-K by cosine, then sorted by ITM score."""
+    from pipeline.candidates import load_embeddings
+    from teacher.model import load_teacher, score_pairs_naive
+
+    k = 4
+    result = run(
+        "evaluate",
+        "--data",
+        small_dataset,
+        "--split",
+        "train",
+        "--json",
+        "--rerank-teacher",
+        teacher_dir,
+        "--rerank-k",
+        k,
+    )
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout.strip().splitlines()[-1])["rerank"]
+
+    assert (
+        run(
+            "mine-candidates", "--data", small_dataset, "--out", tmp_path / "c", "--k", "1"
+        ).exit_code
+        == 0
+    )  # the same tiny student's embeddings
+    emb = load_embeddings(tmp_path / "c")
+    ds = Dataset.load(small_dataset)
+    images, captions = ds.split("train")
+    owner = [images["image_id"].to_list().index(i) for i in captions["image_id"]]
+    teacher = load_teacher(str(teacher_dir))
+    pil = [Image.open(ds.image_path(p)).convert("RGB") for p in images["path"]]
+    texts = captions["caption"].to_list()
+
+    @functools.cache
+    def itm(i: int, c: int) -> float:
+        return float(score_pairs_naive(teacher, pil[i], [texts[c]]).logits[0][0])
+
+    sim = emb.image @ emb.caption.T
+    i2t, t2i = [], []
+    for i in range(len(pil)):
+        top = np.argsort(-sim[i])[:k]
+        order = sorted(top, key=lambda c: -itm(i, c))
+        hits = [n for n, c in enumerate(order) if owner[c] == i]
+        i2t.append(hits[0] if hits else 10**6)
+    for c in range(len(texts)):
+        top = np.argsort(-sim[:, c])[:k]
+        order = sorted(top, key=lambda i: -itm(i, c))
+        hits = [n for n, i in enumerate(order) if i == owner[c]]
+        t2i.append(hits[0] if hits else 10**6)
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for r in (1, 5, 10):
+            assert got[f"{name}_R@{r}"] == pytest.approx(100 * np.mean(np.array(ranks) < r))
