@@ -1,0 +1,52 @@
+"""Helpers shared by the benchmark scripts: machine description, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """One line: CPU count, platform, torch version and the accelerator if any."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{os.cpu_count()} CPU cores, {platform.machine()} {platform.system()}, "
+        f"torch {torch.__version__}, {gpu}"
+    )
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` wall-clock runs of ``fn`` (seconds): noise only adds time."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def command() -> str:
+    return "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]]
+    )
+
+
+def write_result(name: str, title: str, body: str, data: dict) -> Path:
+    """Write benchmarks/results/NAME.md with the command, the machine and the JSON data."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(
+        f"# {title}\n\nCommand: `{command()}`\n\nMachine: {machine()}\n\n{body}\n\n"
+        f"```json\n{json.dumps(data, indent=2, sort_keys=True)}\n```\n"
+    )
+    return path
