@@ -74,7 +74,7 @@ def main() -> None:
         "--out",
         work / "data",
         "--train-images",
-        48,
+        24,
         "--val-images",
         4,
         "--test-images",
@@ -97,7 +97,7 @@ def main() -> None:
         "--shards",
         16,
         "--batch-size",
-        4,
+        8,
     ]
 
     t0 = time.monotonic()
