@@ -1,0 +1,113 @@
+"""The loss of one training step: ITC over the batch's pairs plus a distillation term over each
+query's cached hard negatives that the step encoded (DESIGN 5).
+
+Shape letters: B pairs, Pi / Pc images / captions encoded (the pairs first, then explicit extras),
+K hard negatives per query. ``sim`` (Pi, Pc) holds cosine similarities; pair r is (image r,
+caption r), each image holds one caption, so ITC's positives are the diagonal of sim[:B, :B].
+Extras (explicit mode) serve only the distillation term.
+
+Distillation, per direction (image queries over captions, caption queries over images):
+- ``cprd``: the query's in-step hard negatives in teacher order, J valid anchors by the rule;
+- ``kl`` / ``listmle`` / ``margin-mse``: the positive pair (column 0) plus the same negatives;
+  margin-mse puts student margins in logit units with the detached logit_scale.
+  A query whose positive pair was never scored by the teacher (not in the cache), or that has no
+  in-step negative, is left out of these terms (no invented score).
+The directions present are averaged; a step where neither has a term gives a zero that is still
+connected to the graph, so the same code path runs every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from student.losses import (
+    combine,
+    cprd_loss,
+    itc_loss,
+    kl_loss,
+    listmle_loss,
+    margin_mse_loss,
+    num_valid_from_rule,
+)
+from student.sampler import QueryLists
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """The loss options of StudentTrainConfig that a step needs."""
+
+    loss: str  # cprd | kl | listmle | margin-mse | none
+    lam: float  # total = itc + lam * distill
+    tau: float | None  # None: the student's 1 / logit_scale, detached
+    tau_teacher: float  # kl: teacher softmax temperature
+    valid_top: int | None  # cprd validity rule: a fixed count ...
+    valid_min_prob: float | None  # ... or a teacher-probability threshold (exactly one is set)
+
+
+def step_loss(
+    sim: Tensor,
+    logit_scale: Tensor,
+    num_pairs: int,
+    lists: tuple[QueryLists, QueryLists] | None,
+    pos_score: np.ndarray | None,
+    st: DistillSettings,
+) -> dict[str, Tensor]:
+    """{"itc", "distill" (unless loss is none), "total"} for one step (module docstring)."""
+    b = num_pairs
+    itc = itc_loss(sim[:b, :b], logit_scale)
+    if st.loss == "none":
+        return combine(itc, None, st.lam)
+    # A detached tau: the distillation term must not move the temperature ITC learns.
+    tau = st.tau if st.tau is not None else (1.0 / logit_scale).detach()
+    pos_sim = sim[:b, :b].diagonal()  # (B,)
+    per_dir = []
+    for student, ql in (
+        (sim[:b], lists[0]),  # image queries: rows over the caption pool
+        (sim[:, :b].t(), lists[1]),  # caption queries: rows over the image pool
+    ):
+        idx = torch.from_numpy(ql.index).to(sim.device)  # (B, K)
+        s = student.gather(1, idx)  # (B, K)
+        term = _direction(s, ql, pos_sim, pos_score, tau, logit_scale.detach(), st)
+        if term is not None:
+            per_dir.append(term)
+    distill = torch.stack(per_dir).mean() if per_dir else (sim * 0).sum()
+    return combine(itc, distill, st.lam)
+
+
+def _direction(
+    s: Tensor,
+    ql: QueryLists,
+    pos_sim: Tensor,
+    pos_score: np.ndarray | None,
+    tau: float | Tensor,
+    scale: Tensor,
+    st: DistillSettings,
+) -> Tensor | None:
+    """One direction's distillation term, or None when no query of the step qualifies."""
+    dev = s.device
+    t = torch.from_numpy(ql.score).to(dev)  # (B, K)
+    m = torch.from_numpy(ql.mask).to(dev)  # (B, K)
+    if st.loss == "cprd":
+        j = num_valid_from_rule(
+            torch.from_numpy(ql.prob).to(dev), m, top=st.valid_top, min_prob=st.valid_min_prob
+        )  # (B,)
+        return cprd_loss(s, t, j, tau, m) if bool((j > 0).any()) else None
+    keep = np.isfinite(pos_score) & ql.mask.any(axis=1)  # (B,)
+    if not keep.any():
+        return None
+    keep_t = torch.from_numpy(keep).to(dev)
+    pos_t = torch.from_numpy(np.nan_to_num(pos_score)).to(dev)  # (B,)
+    s1 = torch.cat([pos_sim[:, None], s], dim=1)[keep_t]  # (Q, 1 + K)
+    t1 = torch.cat([pos_t[:, None], t], dim=1)[keep_t]  # (Q, 1 + K)
+    m1 = torch.cat([torch.ones_like(m[:, :1]), m], dim=1)[keep_t]  # (Q, 1 + K)
+    if st.loss == "kl":
+        return kl_loss(s1, t1, tau, st.tau_teacher, m1)
+    if st.loss == "listmle":
+        return listmle_loss(s1, t1, tau, m1)
+    if st.loss == "margin-mse":
+        return margin_mse_loss(s1, t1, m1, student_scale=scale)
+    raise ValueError(f"unknown distillation loss {st.loss!r}")

@@ -1,0 +1,298 @@
+"""``cprd train-student``: train an open_clip dual encoder with ITC plus a distillation term read
+from the teacher cache (DESIGN 5), validating on the val split every epoch.
+
+Output dir ``out`` (only rank 0 writes)::
+
+    config.json    StudentTrainConfig (student/train_config.py), written at the start
+    metrics.jsonl  one JSON object per line: {"event": "train", ...} every log_every steps and
+                   {"event": "val", ...} after each validation
+    model.pt, student.json   the best epoch by val RSUM (save_student): ``out`` is a model spec
+    last.pt        one self-describing dict {model, optimizer, step, epoch, config, rng, metrics,
+                   best, ...}, rewritten atomically after every epoch; ``resume`` continues from
+                   it with the same step count and the same batches
+
+Training images go through the model's *eval* transform (resize + centre crop, no random crop):
+the demo's captions describe positions ("left of"), and a random crop could cut a shape off.
+Run under ``torchrun --nproc_per_node N`` for DistributedDataParallel (student/distributed.py).
+Shape letters: B pairs, Pi / Pc images / captions a step encodes, D embedding width.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pipeline.dataset import Dataset
+from pipeline.encode import autocast, encode_images, encode_texts, pick_device
+from pipeline.evaluate import ranks_from_embeddings
+from pipeline.metrics import retrieval_metrics_from_ranks
+from student.batch_loss import DistillSettings, step_loss
+from student.checkpoint import METRICS, save_last, start
+from student.distributed import (
+    barrier,
+    close_distributed,
+    gather_rows,
+    init_distributed,
+    my_slice,
+)
+from student.models import load_model, save_student
+from student.sampler import BatchPlanner, batch_lists
+from student.teacher_lookup import TeacherLookup, load_lookup
+from student.train_config import StudentTrainConfig, check_config, config_dict
+
+__all__ = ["StudentTrainConfig", "lr_at", "train_student", "validate"]
+
+log = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp: the temperature never drops below 0.01
+
+
+def lr_at(step: int, cfg: StudentTrainConfig, total_steps: int) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to 0 at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.optim.AdamW:
+    """AdamW; like open_clip, gains, biases, logit_scale (every 1-D parameter) get no decay."""
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (exempt if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": exempt, "weight_decay": 0.0},
+    ]
+    # foreach: one kernel per step for all tensors, twice as fast as the per-tensor loop on CPU.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Image id -> preprocessed (3, H, W) tensor."""
+
+    def __init__(self, ds: Dataset, preprocess):
+        self.paths = [ds.image_path(p) for p in ds.images["path"].to_list()]
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, image_id: int) -> torch.Tensor:
+        with Image.open(self.paths[image_id]) as img:
+            return self.preprocess(img.convert("RGB"))
+
+
+@torch.no_grad()
+def validate(model, loaded, ds: Dataset, device: torch.device, batch_size: int) -> dict:
+    """R@1/5/10 both directions and RSUM on the val split (the model is left in train mode)."""
+    images, captions = ds.split("val")
+    paths = [ds.image_path(p) for p in images["path"]]
+    model.eval()
+    kw = {"batch_size": batch_size, "device": device, "progress": False}
+    img = encode_images(model, loaded.preprocess, paths, **kw)  # (N, D)
+    cap = encode_texts(model, loaded.tokenizer, captions["caption"].to_list(), **kw)  # (M, D)
+    model.train()
+    row_of = {i: r for r, i in enumerate(images["image_id"].to_list())}
+    owner = np.array([row_of[i] for i in captions["image_id"].to_list()], dtype=np.int64)
+    return retrieval_metrics_from_ranks(*ranks_from_embeddings(img, cap, owner))
+
+
+def _load_data(cfg: StudentTrainConfig) -> tuple[Dataset, TeacherLookup | None]:
+    """The dataset (val checked up front) and, when batches or losses need it, the lookup."""
+    ds = Dataset.load(cfg.data)
+    ds.split("val")  # fail now, not after the first epoch, when there is nothing to validate on
+    if cfg.teacher_scores is None and (cfg.candidates is None or cfg.batching == "random"):
+        return ds, None
+    lookup = load_lookup(
+        ds,
+        cfg.hard_k,
+        teacher_scores=cfg.teacher_scores,
+        candidates=None if cfg.teacher_scores else cfg.candidates,
+    )
+    log.info("hard-negative lists: %s", json.dumps(lookup.summary()))
+    return ds, lookup
+
+
+def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
+    """Train, validate every val_every epochs, keep the best model in ``cfg.out``; return a
+    summary: out, steps, epochs, best_epoch, best_val, final_val, hard negatives per query, time."""
+    env = init_distributed(pick_device(cfg.device))
+    try:
+        check_config(cfg)
+        barrier(env)  # every rank has checked --out before rank 0 creates it
+        ds, lookup = _load_data(cfg)
+        planner = BatchPlanner(
+            ds.split("train")[0]["image_id"].to_numpy(),
+            ds.captions["image_id"].to_numpy(),
+            cfg.batch_size,
+            batching=cfg.batching,
+            lookup=lookup,
+            seed=cfg.seed,
+            neighbours_per_seed=cfg.neighbours_per_seed,
+            negatives=cfg.negatives,
+        )
+        if planner.batch_size < max(2, env.world):
+            raise ValueError(
+                f"--batch-size: a batch holds {planner.batch_size} pairs (the train split has "
+                f"{len(planner.images)} images with captions); need at least {max(2, env.world)}"
+            )
+        torch.manual_seed(cfg.seed)  # tiny's random init, identical on every rank
+        loaded = load_model(cfg.student, device=env.device)
+        model = loaded.model.train()
+        optimizer = make_optimizer(model, cfg)
+        state = start(cfg, env, model, optimizer)  # fresh, or out/last.pt when resuming
+        ddp = model
+        if env.world > 1:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            ddp = DistributedDataParallel(model, device_ids=ids)
+        total_steps = cfg.epochs * planner.steps_per_epoch
+        top, min_prob = cfg.valid_rule()
+        settings = DistillSettings(cfg.loss, cfg.lam, cfg.tau, cfg.tau_teacher, top, min_prob)
+        pixels, texts = _Pixels(ds, loaded.preprocess), ds.captions["caption"].to_list()
+        stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+        t_start = time.time()
+
+        for epoch in range(state["epoch"], stop):
+            batches = planner.epoch(epoch)  # the same on every rank and after a resume
+            loader = torch.utils.data.DataLoader(
+                pixels,
+                batch_sampler=[my_slice(b.image_pool, env).tolist() for b in batches],
+                num_workers=cfg.num_workers,
+                pin_memory=env.device.type == "cuda",
+            )
+            sums, hn_sum, hn_n = {}, 0.0, 0
+            bar = tqdm(
+                total=len(batches),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="step",
+                disable=not (progress and env.main),
+            )
+            for batch, px in zip(batches, loader, strict=True):
+                # lr: set by hand every step from the step count, so a resume continues it exactly
+                lr = lr_at(state["step"], cfg, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # forward: this rank's share of the step's images and captions, then the gather
+                # puts the whole batch on every rank (in-batch negatives may sit on any rank)
+                tokens = loaded.tokenizer([texts[c] for c in my_slice(batch.caption_pool, env)])
+                with autocast(env.device):
+                    img, txt, scale = ddp(px.to(env.device), tokens.to(env.device))[:3]
+                img = gather_rows(img.float(), len(batch.image_pool), env)  # (Pi, D)
+                txt = gather_rows(txt.float(), len(batch.caption_pool), env)  # (Pc, D)
+                sim = img @ txt.t()  # (Pi, Pc)
+
+                # loss: ITC over the pairs + λ * distillation over the cached negatives present
+                lists = batch_lists(lookup, batch) if lookup is not None else None
+                pos = lookup.pos_score[batch.captions] if lookup is not None else None
+                terms = step_loss(sim, scale.float(), len(batch.images), lists, pos, settings)
+
+                # backward, clip, step; the temperature is clamped as in open_clip
+                optimizer.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                state["step"] += 1
+
+                # log: every loss term, and how many cached hard negatives the step really used
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if lists is not None:
+                    present = np.concatenate([lists[0].present, lists[1].present])  # (2B,)
+                    hn_sum, hn_n = hn_sum + float(present.sum()), hn_n + len(present)
+                bar.update()
+                bar.set_postfix(loss=f"{values['total']:.3f}")
+                if env.main and state["step"] % cfg.log_every == 0:
+                    _record(
+                        cfg.out,
+                        state,
+                        {
+                            "event": "train",
+                            "epoch": epoch + 1,
+                            "step": state["step"],
+                            "lr": lr,
+                            **values,
+                            "logit_scale": float(scale.detach()),
+                            "hard_negatives_per_query": hn_sum / hn_n if hn_n else None,
+                        },
+                    )
+            bar.close()
+            state["epoch"] = epoch + 1
+            state["hard_negatives"]["sum"] += hn_sum
+            state["hard_negatives"]["queries"] += hn_n
+            state["train_seconds"] += time.time() - t_start
+            t_start = time.time()
+            if hn_n:
+                log.info(
+                    "epoch %d: %.2f cached hard negatives per query in the step (of up to %d kept)",
+                    epoch + 1,
+                    hn_sum / hn_n,
+                    cfg.hard_k,
+                )
+
+            # eval and checkpoint (rank 0): the best epoch by val RSUM becomes the model in out
+            if env.main:
+                if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+                    val = validate(model, loaded, ds, env.device, cfg.batch_size)
+                    state["final_val"] = val
+                    _record(
+                        cfg.out,
+                        state,
+                        {
+                            "event": "val",
+                            "epoch": epoch + 1,
+                            "step": state["step"],
+                            "val": val,
+                            "train": {k: v / len(batches) for k, v in sums.items()},
+                            "hard_negatives_per_query": hn_sum / hn_n if hn_n else None,
+                        },
+                    )
+                    if val["rsum"] > state["best"]["rsum"]:
+                        save_student(
+                            model,
+                            loaded.model_cfg,
+                            cfg.out,
+                            base_spec=cfg.student,
+                            train_cfg=config_dict(cfg),
+                        )
+                        state["best"] = {"epoch": epoch + 1, "rsum": val["rsum"], "metrics": val}
+                save_last(cfg, model, optimizer, state)
+            barrier(env)
+
+        hn = state["hard_negatives"]
+        return {
+            "out": str(cfg.out),
+            "steps": state["step"],
+            "epochs": state["epoch"],
+            "world_size": env.world,
+            "best_epoch": state["best"]["epoch"],
+            "best_val": state["best"]["metrics"],
+            "final_val": state["final_val"],
+            "hard_negatives_per_query": hn["sum"] / hn["queries"] if hn["queries"] else None,
+            "lookup": lookup.summary() if lookup is not None else None,
+            "train_seconds": round(state["train_seconds"], 2),
+        }
+    finally:
+        close_distributed(env)
+
+
+def _record(out: Path, state: dict, record: dict) -> None:
+    """Append one metrics.jsonl line (kept in the checkpoint too, for a clean resume)."""
+    state["metrics"].append(record)
+    with open(Path(out) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
