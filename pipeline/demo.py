@@ -1,0 +1,250 @@
+"""``cprd demo``: the whole pipeline on the embedded benchmark, on CPU, in minutes.
+
+demo-data -> train-teacher -> student (ITC) -> mine-candidates -> score-teacher ->
+student (ITC, hard batches: the control) -> student (CPRD) -> evaluate all on test -> report.
+
+Every stage writes under ``out`` and is skipped when its output is already there, so a re-run
+(or a run after a crash) redoes only what is missing, and the report says what was reused:
+on a re-run the teacher cache answers every pair (pairs scored: 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pipeline.dataset import Dataset
+from pipeline.schemas import CANDIDATES_JSON, DATASET_JSON
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    train_images: int  # demo-data split sizes
+    val_images: int
+    test_images: int
+    teacher_epochs: int  # train-teacher epochs
+    student_epochs: int  # train-student epochs, every student alike
+    student_batch: int  # train-student batch size
+    k: int  # candidates mined per query
+    rerank_k: int  # teacher re-ranks the ITC student's top-k on test
+    shards: int  # teacher cache shards
+
+
+PROFILES = {
+    "full": DemoProfile(
+        2000,
+        200,
+        200,
+        teacher_epochs=12,
+        student_epochs=10,
+        student_batch=128,
+        k=16,
+        rerank_k=16,
+        shards=16,
+    ),
+    "quick": DemoProfile(
+        800,
+        100,
+        100,
+        teacher_epochs=6,
+        student_epochs=5,
+        student_batch=96,
+        k=16,
+        rerank_k=16,
+        shards=8,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("data/demo-run")  # everything the demo writes
+    quick: bool = False  # the smaller profile (target: under 3 minutes on 2 CPU cores)
+    seed: int = 0  # data, initialisation and batch order
+    device: str | None = None  # None: CUDA when present, else CPU
+
+
+class _Stages:
+    """Runs named stages, timing each, skipping those whose output exists."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def run(self, name: str, done: bool, fn, note: str = "") -> object:
+        t0 = time.perf_counter()
+        log.info("[demo] %s%s", name, " (reused)" if done else "")
+        result = None if done else fn()
+        self.records.append(
+            {
+                "stage": name,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "reused": done,
+                "note": note,
+            }
+        )
+        return result
+
+
+def _student(cfg: DemoConfig, p: DemoProfile, out: Path, **kw):
+    from student.train import train_student
+    from student.train_config import StudentTrainConfig
+
+    scfg = StudentTrainConfig(
+        data=cfg.out / "data",
+        out=out,
+        student="tiny",
+        epochs=p.student_epochs,
+        batch_size=p.student_batch,
+        seed=cfg.seed,
+        device=cfg.device,
+        num_workers=0,
+        overwrite=True,
+        **kw,
+    )
+    return train_student(scfg)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or finish) the demo under ``cfg.out``; return the report dict (also written)."""
+    from pipeline.demo_data import generate_demo_data
+    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.mine import MineConfig, mine_candidates
+    from pipeline.score import ScoreConfig, score_teacher
+    from teacher.train import TeacherTrainConfig, train_teacher
+
+    p = PROFILES["quick" if cfg.quick else "full"]
+    out = Path(cfg.out)
+    data, teacher, students = out / "data", out / "teacher", out / "students"
+    stages = _Stages()
+
+    same = _same_data(data, cfg, p)
+    if not same:  # new data: nothing trained or mined on the old data may be reused
+        for stale in (teacher, students, out / "candidates"):
+            shutil.rmtree(stale, ignore_errors=True)
+    stages.run(
+        "demo-data",
+        same,
+        lambda: generate_demo_data(
+            data,
+            train_images=p.train_images,
+            val_images=p.val_images,
+            test_images=p.test_images,
+            seed=cfg.seed,
+            overwrite=True,
+        ),
+    )
+    stages.run(
+        "train-teacher",
+        (teacher / "config.json").is_file(),
+        lambda: train_teacher(
+            TeacherTrainConfig(
+                data=str(data),
+                out=str(teacher),
+                epochs=p.teacher_epochs,
+                seed=cfg.seed,
+                device=cfg.device,
+                overwrite=True,
+            )
+        ),
+    )
+    stages.run(
+        "student-itc",
+        _done(students / "itc"),
+        lambda: _student(cfg, p, students / "itc", loss="none", batching="random"),
+    )
+    cand = out / "candidates"
+    stages.run(
+        "mine-candidates",
+        (cand / CANDIDATES_JSON).is_file(),
+        lambda: mine_candidates(
+            MineConfig(
+                data=data,
+                student=str(students / "itc"),
+                out=cand,
+                k=p.k,
+                seed=cfg.seed,
+                device=cfg.device,
+                overwrite=True,
+            )
+        ),
+    )
+    # Always run: with everything cached it scores nothing, and the report shows that.
+    score = stages.run(
+        "score-teacher",
+        False,
+        lambda: score_teacher(
+            ScoreConfig(
+                candidates=cand,
+                teacher=str(teacher),
+                cache_dir=out / "cache",
+                shards=p.shards,
+                device=cfg.device,
+            )
+        ),
+    )
+    cache_path = Path(score["cache_path"])
+    stages.run(
+        "student-itc-hard",
+        _done(students / "itc-hard"),
+        lambda: _student(
+            cfg, p, students / "itc-hard", loss="none", batching="hard", teacher_scores=cache_path
+        ),
+    )
+    stages.run(
+        "student-cprd",
+        _done(students / "cprd"),
+        lambda: _student(
+            cfg, p, students / "cprd", loss="cprd", batching="hard", teacher_scores=cache_path
+        ),
+    )
+
+    rows = []
+    base = EvalConfig(data=data, student=str(students / "itc"), split="test", device=cfg.device)
+    t0 = time.perf_counter()
+    itc = evaluate(replace(base, rerank_teacher=str(teacher), rerank_k=p.rerank_k))
+    rows.append(
+        {
+            "name": "teacher-rerank",
+            **itc["rerank_metrics"],
+            "note": f"ITC student's top-{p.rerank_k} re-ranked by the teacher",
+        }
+    )
+    rows.append({"name": "student-itc", **itc["metrics"]})
+    for name in ("itc-hard", "cprd"):
+        res = evaluate(replace(base, student=str(students / name)))
+        rows.append({"name": f"student-{name}", **res["metrics"]})
+    stages.records.append(
+        {
+            "stage": "evaluate",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "reused": False,
+            "note": "test split",
+        }
+    )
+
+    from pipeline.report import write_report
+
+    return write_report(out, rows, stages.records, score, profile="quick" if cfg.quick else "full")
+
+
+def _done(student_dir: Path) -> bool:
+    return (student_dir / "student.json").is_file()
+
+
+def _same_data(data: Path, cfg: DemoConfig, p: DemoProfile) -> bool:
+    """True when ``data`` already holds the demo dataset this profile and seed would generate."""
+    if not (data / DATASET_JSON).is_file():
+        return False
+    src = Dataset.load(data).meta.get("source", {})
+    want = {
+        "seed": cfg.seed,
+        "train_images": p.train_images,
+        "val_images": p.val_images,
+        "test_images": p.test_images,
+    }
+    return all(src.get(k) == v for k, v in want.items())
