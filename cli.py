@@ -89,6 +89,48 @@ def cli(debug: bool) -> None:
     _setup_logging()
 
 
+# ---- options generated from a config dataclass -----------------------------------------------
+
+_TYPES = {"Path": click.Path(path_type=Path), "str": str, "int": int, "float": float}
+
+
+def config_options(cls, exclude: tuple[str, ...] = ()):
+    """Decorate a command with one option per field of config dataclass ``cls`` (STYLE 2).
+
+    The help text is the field's own comment in the class source, so it is written once; the
+    option name is the field name with dashes; booleans become flags.
+    """
+    import dataclasses
+    import inspect
+    import re
+
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in exclude:
+                continue
+            type_name = str(f.type).replace(" | None", "").strip()
+            default = None if f.default is dataclasses.MISSING else f.default
+            flag = "--" + f.name.replace("_", "-")
+            help_text = comments.get(f.name, "")
+            if type_name == "bool":
+                fn = click.option(flag, f.name, is_flag=True, default=default, help=help_text)(fn)
+            else:
+                fn = click.option(
+                    flag,
+                    f.name,
+                    type=_TYPES[type_name],
+                    default=default,
+                    required=f.default is dataclasses.MISSING,
+                    show_default=default is not None,
+                    help=help_text,
+                )(fn)
+        return fn
+
+    return decorate
+
+
 # ---- datasets ----------------------------------------------------------------------------------
 
 
@@ -138,6 +180,7 @@ def import_data(
 
     Example:
 
+    \b
         cprd import-data --karpathy dataset_flickr30k.json --images flickr30k-images \\
             --out data/flickr30k
         cprd import-data --csv pairs.csv --image-col path --caption-col text --out data/mine
@@ -183,6 +226,7 @@ def data_info(dataset, as_json):
 
     Example:
 
+    \b
         cprd data-info data/demo
     """
     from pipeline.dataset import Dataset
@@ -229,6 +273,7 @@ def demo_data(
 
     Example:
 
+    \b
         cprd demo-data --out data/demo --train-images 2000 --seed 0
     """
     from pipeline.demo_data import generate_demo_data
@@ -316,6 +361,7 @@ def mine_candidates(
 
     Example:
 
+    \b
         cprd mine-candidates --data data/demo --student runs/itc --k 32 --out data/cand
     """
     from pipeline.mine import MineConfig, mine_candidates
@@ -374,6 +420,7 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
 
     Example:
 
+    \b
         cprd evaluate --data data/demo --student runs/cprd --split test --json
     """
     from pipeline.evaluate import EvalConfig, evaluate
@@ -404,19 +451,10 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
         "rerank": result.get("rerank_metrics"),
     }
     if not as_json:
-        click.echo(_metrics_table(rows))
+        from pipeline.report import table
+
+        click.echo(table(rows))
     _emit(summary, as_json, f"{result['images']} images, {result['captions']} captions ({split})")
-
-
-def _metrics_table(rows: list[dict]) -> str:
-    from pipeline.metrics import METRIC_KEYS
-
-    width = max(len(r["name"]) for r in rows) + 2
-    head = f"{'':<{width}}" + "".join(f"{k:>10}" for k in METRIC_KEYS)
-    lines = [head] + [
-        f"{r['name']:<{width}}" + "".join(f"{r[k]:>10.2f}" for k in METRIC_KEYS) for r in rows
-    ]
-    return "\n".join(lines)
 
 
 def _positive(**values: int) -> None:
@@ -484,6 +522,7 @@ def score_teacher_cmd(
 
     Example:
 
+    \b
         cprd score-teacher --candidates data/cand --teacher runs/teacher --shards 64 \\
             --cache-dir data/cache --json
     """
@@ -536,6 +575,7 @@ def cache_list(cache_dir, as_json):
 
     Example:
 
+    \b
         cprd cache list data/cache
     """
     from pipeline.cache import list_caches
@@ -562,6 +602,7 @@ def cache_info_cmd(path, as_json):
 
     Example:
 
+    \b
         cprd cache info data/cache/0123abcd
     """
     from pipeline.cache import cache_info
@@ -572,6 +613,116 @@ def cache_info_cmd(path, as_json):
         return
     for k, v in info.items():
         click.echo(f"{k:<20}{v}")
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def _teacher_config():
+    from teacher.train_config import TeacherTrainConfig
+
+    return TeacherTrainConfig
+
+
+def _student_config():
+    from student.train_config import StudentTrainConfig
+
+    return StudentTrainConfig
+
+
+@cli.command("train-teacher")
+@config_options(_teacher_config())
+@json_option
+def train_teacher_cmd(as_json, **fields):
+    """Train or fine-tune a BLIP image-text-matching cross-encoder (ITM with hard negatives + ITC).
+
+    `--base tiny` starts from a tiny BLIP with a vocabulary built from the training captions (no
+    download); a hub id or a `save_pretrained` dir fine-tunes that model. The output is saved with
+    `save_pretrained`, so `score-teacher --teacher OUT` loads it like any BLIP checkpoint.
+
+    Example:
+
+    \b
+        cprd train-teacher --data data/demo --out runs/teacher --epochs 12
+    """
+    from teacher.train import train_teacher
+    from teacher.train_config import TeacherTrainConfig
+
+    summary = train_teacher(TeacherTrainConfig(**fields))
+    _emit({"command": "train-teacher", **summary}, as_json, f"teacher saved to {fields['out']}")
+
+
+@cli.command("train-student")
+@config_options(_student_config())
+@json_option
+def train_student_cmd(as_json, **fields):
+    """Train the dual encoder: ITC plus a distillation term read from the teacher cache.
+
+    `--loss cprd` (default) distils the teacher's partial ranking of each query's hard negatives;
+    `kl`, `listmle`, `margin-mse` are the baselines; `none` is plain ITC and needs no cache. OUT
+    becomes a model spec for `evaluate` and `mine-candidates`. Runs under torchrun (DDP).
+
+    Example:
+
+    \b
+        cprd train-student --data data/demo --teacher-scores data/cache/KEY --loss cprd \\
+            --epochs 10 --out runs/cprd
+    """
+    from student.train import train_student
+    from student.train_config import StudentTrainConfig
+
+    summary = train_student(StudentTrainConfig(**fields))
+    best = summary.get("best_val") or {}
+    _emit(
+        {"command": "train-student", **summary},
+        as_json,
+        f"student saved to {fields['out']} (best epoch {summary.get('best_epoch')}, "
+        f"val RSUM {best.get('rsum', float('nan')):.2f})",
+    )
+
+
+# ---- the demo --------------------------------------------------------------------------------
+
+
+@cli.command("demo")
+@click.option(
+    "--out",
+    default=Path("data/demo-run"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the demo writes everything.",
+)
+@click.option("--quick", is_flag=True, help="Smaller profile (target: under 3 minutes on 2 cores).")
+@click.option("--seed", default=0, show_default=True, help="Data, initialisation, batch order.")
+@device_option
+@json_option
+def demo(out, quick, seed, device, as_json):
+    """Run the whole pipeline on the embedded synthetic dataset, on CPU, and print one table.
+
+    demo-data -> train-teacher -> student (ITC) -> mine-candidates -> score-teacher -> student
+    (ITC, hard batches: the control) -> student (CPRD) -> evaluate on test. Stages whose output
+    exists under OUT are reused, so a re-run only evaluates (and scores 0 teacher pairs).
+    Writes OUT/report.json, OUT/report.md and OUT/report.png.
+
+    Example:
+
+    \b
+        cprd demo --quick
+    """
+    from pipeline.demo import DemoConfig, run_demo
+    from pipeline.report import summary_lines, table
+
+    report = run_demo(
+        DemoConfig(out=out, profile="quick" if quick else "full", seed=seed, device=device)
+    )
+    seconds = {r["name"]: r["seconds"] for r in report["rows"]}
+    if as_json:
+        click.echo(json.dumps({"command": "demo", "out": str(out), **report}, sort_keys=True))
+        return
+    click.echo(table(report["rows"], seconds))
+    for line in summary_lines(report):
+        click.echo(line)
+    click.echo(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")
 
 
 # ---- stages not built yet ------------------------------------------------------------------------
@@ -585,11 +736,6 @@ def _not_yet(name: str, issue: int, summary: str) -> None:
     cli.command(name, context_settings={"ignore_unknown_options": True}, add_help_option=True)(
         click.argument("args", nargs=-1, type=click.UNPROCESSED)(command)
     )
-
-
-_not_yet("train-teacher", 4, "Train or fine-tune a BLIP image-text-matching cross-encoder.")
-_not_yet("train-student", 5, "Train the dual encoder with CPRD from the cached teacher ranks.")
-_not_yet("demo", 6, "Run the whole pipeline on the embedded synthetic dataset on CPU.")
 
 
 def main() -> None:

@@ -47,6 +47,9 @@ PROFILES = {
         rerank_k=16,
         shards=16,
     ),
+    # For the end-to-end test: every stage runs, nothing is expected to learn.
+    "smoke": DemoProfile(48, 16, 16, teacher_epochs=1, student_epochs=1, student_batch=16,
+                         k=4, rerank_k=4, shards=2),
     "quick": DemoProfile(
         800,
         100,
@@ -64,7 +67,7 @@ PROFILES = {
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("data/demo-run")  # everything the demo writes
-    quick: bool = False  # the smaller profile (target: under 3 minutes on 2 CPU cores)
+    profile: str = "full"  # full | quick (target: under 3 minutes on 2 CPU cores) | smoke (tests)
     seed: int = 0  # data, initialisation and batch order
     device: str | None = None  # None: CUDA when present, else CPU
 
@@ -117,7 +120,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipeline.score import ScoreConfig, score_teacher
     from teacher.train import TeacherTrainConfig, train_teacher
 
-    p = PROFILES["quick" if cfg.quick else "full"]
+    if cfg.profile not in PROFILES:
+        raise ValueError(f"unknown demo profile '{cfg.profile}'; choose one of {list(PROFILES)}")
+    p = PROFILES[cfg.profile]
     out = Path(cfg.out)
     data, teacher, students = out / "data", out / "teacher", out / "students"
     stages = _Stages()
@@ -229,7 +234,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from pipeline.report import write_report
 
-    return write_report(out, rows, stages.records, score, profile="quick" if cfg.quick else "full")
+    return write_report(out, rows, stages.records, score, profile=cfg.profile)
 
 
 def _done(student_dir: Path) -> bool:

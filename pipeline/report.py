@@ -87,7 +87,13 @@ def summary_lines(report: dict) -> list[str]:
     )
     return [
         f"Teacher cache: {c['pairs_total']} unique pairs, {c['pairs_scored']} scored in this run"
-        f" ({'all reused' if c['pairs_scored'] == 0 else 'the rest reused'}).",
+        + (
+            " (all reused from the cache)."
+            if c["pairs_scored"] == 0
+            else "."
+            if c["pairs_scored"] == c["pairs_total"]
+            else " (the rest reused)."
+        ),
         f"Teacher re-ranking above the ITC student: {v['teacher_above_itc']}. CPRD above ITC: "
         f"{v['cprd_above_itc']}; above the hard-batch ITC control: {v['cprd_above_itc_hard']}. "
         + gap,
