@@ -64,12 +64,6 @@ def build_processor(
     return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-# BERT's 0.02 suits a pretrained start; from scratch it leaves [CLS] nearly blind to the other
-# tokens (its attention paths are ~0.02^2 against an O(1) residual), and ITC/ITM on [CLS]
-# collapse to chance before they learn. A wider init lets [CLS] see the caption from step one.
-INIT_RANGE = 0.3
-
-
 def tiny_config(
     vocab_size: int,
     *,
@@ -83,6 +77,7 @@ def tiny_config(
     text_layers: int = 2,
     heads: int = 4,
     max_text_length: int = 32,
+    init_range: float = 0.02,
 ) -> BlipConfig:
     """A small ``BlipConfig``: ViT over ``patch_size`` patches, a BERT with cross-attention."""
     vision = {
@@ -92,11 +87,11 @@ def tiny_config(
         "num_attention_heads": heads,
         "image_size": image_size,
         "patch_size": patch_size,
-        "initializer_range": INIT_RANGE,
+        "initializer_range": init_range,
     }
     text = {
         "vocab_size": vocab_size,
-        "initializer_range": INIT_RANGE,
+        "initializer_range": init_range,
         "hidden_size": hidden_size,
         "encoder_hidden_size": hidden_size,
         "intermediate_size": 4 * hidden_size,
@@ -153,6 +148,7 @@ def build_tiny_teacher(
     text_layers: int = 2,
     heads: int = 4,
     max_text_length: int = 32,
+    init_range: float = 0.02,
 ) -> tuple[BlipForImageTextRetrieval, BlipProcessor]:
     """A freshly initialised tiny ``BlipForImageTextRetrieval`` and its ``BlipProcessor``."""
     if image_size % patch_size:
@@ -171,6 +167,7 @@ def build_tiny_teacher(
         text_layers=text_layers,
         heads=heads,
         max_text_length=max_text_length,
+        init_range=init_range,
     )
     model = BlipForImageTextRetrieval(config)
     init_positions(model)
