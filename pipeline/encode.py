@@ -6,6 +6,7 @@ Letters in shape comments: N images, M captions, D embedding width, B batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -31,6 +32,20 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hex sha256 of the state dict: every tensor's name, dtype, shape and bytes, in key order.
+
+    A model's identity in manifests and cache keys: equal hashes compute the same function,
+    whatever spec or file the weights came from.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -103,3 +118,39 @@ def _stack(parts: list[np.ndarray]) -> np.ndarray:
     if not np.isfinite(emb).all():
         raise ValueError("the model produced NaN or infinite embeddings; check its weights")
     return emb
+
+
+def encode_split(
+    loaded,
+    ds,
+    images,
+    captions,
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, D), captions (M, D)) unit-norm embeddings of a split's rows, in row order.
+
+    ``loaded`` is a ``student.models.LoadedModel``, ``ds`` the ``Dataset``, ``images`` and
+    ``captions`` the frames ``ds.split(name)`` returned.
+    """
+    paths = [ds.image_path(p) for p in images["path"]]
+    img = encode_images(
+        loaded.model,
+        loaded.preprocess,
+        paths,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    # Text batches are cheaper than image batches: four times as many fit the same time.
+    cap = encode_texts(
+        loaded.model,
+        loaded.tokenizer,
+        captions["caption"].to_list(),
+        batch_size=4 * batch_size,
+        device=device,
+        progress=progress,
+    )
+    return img, cap

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.dataset import Dataset
-from pipeline.encode import encode_images, encode_texts, pick_device
+from pipeline.encode import encode_split, pick_device
 from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
 
 
@@ -60,21 +60,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     loaded = load_model(cfg.student, device=device)
-    img = encode_images(
-        loaded.model,
-        loaded.preprocess,
-        [ds.image_path(p) for p in images["path"]],
-        batch_size=cfg.batch_size,
-        device=device,
-        progress=progress,
-    )
-    cap = encode_texts(
-        loaded.model,
-        loaded.tokenizer,
-        captions["caption"].to_list(),
-        batch_size=4 * cfg.batch_size,
-        device=device,
-        progress=progress,
+    img, cap = encode_split(
+        loaded, ds, images, captions, batch_size=cfg.batch_size, device=device, progress=progress
     )
     # Map each caption's image_id to its row among this split's images.
     row_of = {image_id: row for row, image_id in enumerate(images["image_id"].to_list())}

@@ -16,7 +16,7 @@ import torch
 from pipeline import atomic
 from pipeline.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
 from pipeline.dataset import Dataset
-from pipeline.encode import encode_images, encode_texts, pick_device
+from pipeline.encode import encode_split, pick_device
 from pipeline.search import INDEXES, approximate_recall, topk_search
 
 log = logging.getLogger(__name__)
@@ -75,25 +75,13 @@ def _embed(
                 f"--embeddings-from '{source}' was made with another dataset, split or model; "
                 "drop the option to encode afresh"
             )
-    paths = [ds.image_path(p) for p in images["path"]]
+    img, cap = encode_split(
+        loaded, ds, images, captions, batch_size=cfg.batch_size, device=device, progress=progress
+    )
     emb = Embeddings(
-        image=encode_images(
-            loaded.model,
-            loaded.preprocess,
-            paths,
-            batch_size=cfg.batch_size,
-            device=device,
-            progress=progress,
-        ),
+        image=img,
         image_ids=images["image_id"].to_numpy().astype(np.int64),
-        caption=encode_texts(
-            loaded.model,
-            loaded.tokenizer,
-            captions["caption"].to_list(),
-            batch_size=4 * cfg.batch_size,
-            device=device,
-            progress=progress,
-        ),
+        caption=cap,
         caption_ids=captions["caption_id"].to_numpy().astype(np.int64),
     )
     return emb, loaded.identity

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,9 @@ from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.pretrained import is_pretrained_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-from student.storage import STUDENT_FORMAT, read_student, save_student, sha256_file
+from pipeline.atomic import file_sha256
+from pipeline.encode import weights_sha256
+from student.storage import STUDENT_FORMAT, read_student, save_student
 
 __all__ = [
     "TINY",
@@ -199,15 +200,10 @@ def _weights_hash(model: torch.nn.Module | None, weights_file: str | Path | None
     """sha256 of the weights file when there is one, else of the state dict's tensors."""
     if weights_file is not None:
         return {
-            "weights_sha256": sha256_file(weights_file),
+            "weights_sha256": file_sha256(weights_file),
             "weights_hash_of": f"file:{Path(weights_file).name}",
         }
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{key}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {"weights_sha256": h.hexdigest(), "weights_hash_of": "state_dict"}
+    return {"weights_sha256": weights_sha256(model), "weights_hash_of": "state_dict"}
 
 
 def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:

@@ -8,55 +8,27 @@ Layout::
                   "image_size", "context_length", "weights_file", "weights_sha256", "train_cfg"}
                   written last, so its presence means the directory is complete
 
-Both files are written to a temporary name, fsynced and renamed (a local twin of
-``pipeline.atomic``: student/ must not import pipeline, which imports student). The sha256 of
-``model.pt`` inside ``student.json`` catches a crash between the two renames of an overwrite.
+Both files are written to a temporary name, fsynced and renamed (``pipeline.atomic``). The sha256
+of ``model.pt`` inside ``student.json`` catches a crash between the two renames of an overwrite.
 This module knows nothing about building models; ``student.models.load_student`` does that.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+
+from pipeline import atomic
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "model.pt"
 STUDENT_FORMAT = "cprd-student"
 STUDENT_VERSION = 1
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # make the rename itself durable
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_student(
@@ -82,7 +54,8 @@ def save_student(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / STUDENT_WEIGHTS, lambda f: torch.save(state, f))
+    with atomic.atomic_path(out / STUDENT_WEIGHTS) as tmp:
+        torch.save(state, tmp)
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
     if dataclasses.is_dataclass(train_cfg) and not isinstance(train_cfg, type):
         train_cfg = dataclasses.asdict(train_cfg)
@@ -95,11 +68,10 @@ def save_student(
         "image_size": preprocess_cfg.get("size", model_cfg["vision_cfg"].get("image_size")),
         "context_length": model_cfg["text_cfg"].get("context_length"),
         "weights_file": STUDENT_WEIGHTS,
-        "weights_sha256": sha256_file(out / STUDENT_WEIGHTS),
+        "weights_sha256": atomic.file_sha256(out / STUDENT_WEIGHTS),
         "train_cfg": train_cfg,
     }
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / STUDENT_JSON, lambda f: f.write(text.encode()))
+    atomic.write_json(out / STUDENT_JSON, meta)
     return out
 
 
@@ -126,7 +98,7 @@ def read_student(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     weights = d / meta.get("weights_file", STUDENT_WEIGHTS)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the student in {d} is incomplete")
-    if meta.get("weights_sha256") != sha256_file(weights):
+    if meta.get("weights_sha256") != atomic.file_sha256(weights):
         raise ValueError(
             f"{weights} does not match the sha256 in {meta_path} (an interrupted or mixed save); "
             "re-save the student"

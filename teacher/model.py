@@ -7,7 +7,6 @@ cache keys on it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-from pipeline.encode import autocast, pick_device
+from pipeline.encode import autocast, pick_device, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +49,6 @@ def _fail(spec: str, reason: str) -> ValueError:
 def _looks_like_path(spec: str) -> bool:
     # Hub ids are "owner/name"; anything absolute, relative-dotted or home-based is a path.
     return spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Hex sha256 of the state dict: every tensor's name, dtype, shape and bytes, in key order."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def max_text_length(model: BlipForImageTextRetrieval, tokenizer: Any) -> int:

@@ -136,12 +136,16 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train.paths) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
-    history, step, t0 = [], 0, time.time()
+    history, step, t0, cpu0 = [], 0, time.time(), time.process_time()
     bar = tqdm(total=total, desc="train-teacher", unit="step", disable=not progress)
     for epoch in range(cfg.epochs):
         model.train()
         sums, epoch_start = {"itc": 0.0, "itm": 0.0, "itm_acc": 0.0}, step
         batches = neighbour_batches(train_nb, cfg.batch_size, cfg.group_size, rng)
+        # Curriculum: from scratch, the cross-attention first has to learn to look at the image
+        # at all; sibling negatives (same words) give it nothing to learn from until it does.
+        easy = epoch < cfg.easy_epochs and cfg.base == "tiny"
+        n_random = max(1, cfg.num_random_negatives) if easy else cfg.num_random_negatives
         for rows in batches:
             if step >= total:
                 break
@@ -166,8 +170,8 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
                     tok["attention_mask"].to(device),
                     (same_image | same_text).to(device),
                     temperature=cfg.itc_temperature,
-                    num_hard_negatives=cfg.num_hard_negatives,
-                    num_random_negatives=cfg.num_random_negatives,
+                    num_hard_negatives=0 if easy else cfg.num_hard_negatives,
+                    num_random_negatives=n_random,
                     generator=gen,
                 )
             loss = terms["itc"] + cfg.itm_weight * terms["itm"]
@@ -197,6 +201,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
                 )
             )
         record["seconds"] = round(time.time() - t0, 1)
+        record["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads of this process
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, record)
         if progress:
@@ -213,6 +218,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
         "parameters_M": round(_millions(model), 3),
         "steps": step,
         "train_seconds": round(time.time() - t0, 1),
+        "train_cpu_seconds": round(time.process_time() - cpu0, 1),
         "epochs": history,
         "final": history[-1] if history else {},
     }

@@ -23,8 +23,9 @@ class TeacherTrainConfig:
     device: str | None = None  # "cpu", "cuda", ...; default CUDA when present
     itm_weight: float = 1.0  # loss = itc + itm_weight * itm
     itc_temperature: float = 0.07  # ITC softmax temperature (BLIP's initial value)
-    num_hard_negatives: int = 1  # ITM negatives per image and per caption (BLIP: 1)
+    num_hard_negatives: int = 2  # ITM negatives mined from ITC per image and per caption (BLIP: 1)
     num_random_negatives: int = 1  # extra uniformly drawn ITM negatives (0 = BLIP's recipe)
+    easy_epochs: int = 1  # "tiny" only: first epochs draw ITM negatives uniformly (see train.py)
     group_size: int = 4  # lexical neighbours kept together in a batch (seed included)
     image_size: int = 64  # "tiny" only: input resolution
     patch_size: int = 8  # "tiny" only: ViT patch side in pixels (keep below an object's size)
@@ -37,8 +38,15 @@ class TeacherTrainConfig:
     overwrite: bool = False  # replace an existing output directory
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_hard_negatives", "group_size", "val_k"):
+        for name in ("epochs", "batch_size", "group_size", "val_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_hard_negatives", "num_random_negatives", "easy_epochs", "warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_hard_negatives + self.num_random_negatives < 1:
+            raise ValueError(
+                "num_hard_negatives + num_random_negatives must be >= 1: ITM needs negatives"
+            )
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2: in-batch negatives need a second pair")

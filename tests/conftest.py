@@ -119,3 +119,28 @@ def small_dataset(tmp_path_factory) -> Path:
         )
     build_dataset(base / "ds", paths, splits, captions, {"kind": "test"}, progress=False)
     return base / "ds"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(small_dataset, tmp_path_factory) -> Path:
+    """A tiny, randomly initialised BLIP ITM model saved with save_pretrained (read-only)."""
+    import torch
+
+    from pipeline.dataset import Dataset
+    from teacher.tiny import build_tiny_teacher
+
+    torch.manual_seed(0)
+    captions = Dataset.load(small_dataset).captions["caption"].to_list()
+    model, processor = build_tiny_teacher(
+        captions,
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        vision_layers=1,
+        text_layers=1,
+        heads=2,
+    )
+    out = tmp_path_factory.mktemp("teacher") / "blip"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

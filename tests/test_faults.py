@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline import cache
-from pipeline.dataset import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,30 +37,11 @@ def finish(proc: subprocess.Popen) -> dict:
 
 
 @pytest.fixture(scope="module")
-def scoring_inputs(small_dataset, tmp_path_factory) -> tuple[Path, Path]:
-    """(candidates with k=8, a tiny saved BLIP teacher) for the small dataset."""
-    from teacher.tiny import build_tiny_teacher
-
-    base = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    captions = Dataset.load(small_dataset).captions["caption"].to_list()
-    model, processor = build_tiny_teacher(
-        captions,
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        vision_layers=1,
-        text_layers=1,
-        heads=2,
-    )
-    model.save_pretrained(base / "teacher")
-    processor.save_pretrained(base / "teacher")
-    finish(
-        cprd(
-            "mine-candidates", "--data", small_dataset, "--out", base / "cand", "--k", "8", "--json"
-        )
-    )
-    return base / "cand", base / "teacher"
+def scoring_inputs(small_dataset, tiny_teacher_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(candidates with k=8, the session's tiny BLIP teacher) for the small dataset."""
+    out = tmp_path_factory.mktemp("faults") / "cand"
+    finish(cprd("mine-candidates", "--data", small_dataset, "--out", out, "--k", "8", "--json"))
+    return out, tiny_teacher_dir
 
 
 def test_score_teacher_survives_sigkill(scoring_inputs, tmp_path):

@@ -20,26 +20,10 @@ from pipeline.dataset import Dataset
 from pipeline.score import parse_shard_ids, resolve_rank, unique_pairs
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(small_dataset, tmp_path_factory) -> Path:
-    """A tiny, randomly initialised BLIP ITM model saved with save_pretrained."""
-    from teacher.tiny import build_tiny_teacher
-
-    torch.manual_seed(0)
-    captions = Dataset.load(small_dataset).captions["caption"].to_list()
-    model, processor = build_tiny_teacher(
-        captions,
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        vision_layers=1,
-        text_layers=1,
-        heads=2,
-    )
-    out = tmp_path_factory.mktemp("teacher") / "blip"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+@pytest.fixture
+def teacher_dir(tiny_teacher_dir) -> Path:
+    """The session's tiny BLIP teacher."""
+    return tiny_teacher_dir
 
 
 @pytest.fixture(scope="module")
