@@ -725,19 +725,6 @@ def demo(out, quick, seed, device, as_json):
     click.echo(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")
 
 
-# ---- stages not built yet ------------------------------------------------------------------------
-
-
-def _not_yet(name: str, issue: int, summary: str) -> None:
-    def command(**_):
-        raise click.ClickException(f"`cprd {name}` is not implemented yet (issue #{issue})")
-
-    command.__doc__ = summary
-    cli.command(name, context_settings={"ignore_unknown_options": True}, add_help_option=True)(
-        click.argument("args", nargs=-1, type=click.UNPROCESSED)(command)
-    )
-
-
 def main() -> None:
     cli(prog_name="cprd")
 
