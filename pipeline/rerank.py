@@ -9,43 +9,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.score import score_pairs
 from pipeline.search import topk_search
-
-
-def _teacher_scores(
-    teacher,
-    image_paths: list,
-    texts: list[str],
-    pairs: pl.DataFrame,
-    batch_size: int,
-    progress: bool,
-) -> dict[tuple[int, int], float]:
-    """ITM logit of each (image row, caption row) pair, each image encoded once."""
-    from teacher.model import score_grouped
-
-    groups = pairs.group_by("image", maintain_order=True).agg("caption")
-    out: dict[tuple[int, int], float] = {}
-    bar = tqdm(total=pairs.height, desc="teacher re-ranking", unit="pair", disable=not progress)
-    step = 16
-    for start in range(0, groups.height, step):
-        part = groups.slice(start, step)
-        images = []
-        for row in part["image"]:
-            with Image.open(image_paths[row]) as img:
-                images.append(img.convert("RGB"))
-        caps = part["caption"].to_list()
-        result = score_grouped(
-            teacher, images, [[texts[c] for c in cs] for cs in caps], batch_size=batch_size
-        )
-        for row, cs, logits in zip(part["image"], caps, result.logits, strict=True):
-            out.update({(row, c): float(v) for c, v in zip(cs, logits, strict=True)})
-        bar.update(sum(len(c) for c in caps))
-    bar.close()
-    return out
 
 
 def rerank_metrics(
@@ -81,7 +49,17 @@ def rerank_metrics(
         .unique()
         .sort("image", "caption")
     )  # a pair met from both sides is scored once
-    scores = _teacher_scores(teacher, image_paths, texts, pairs, batch_size, progress)
+    bar = tqdm(total=pairs.height, desc="teacher re-ranking", unit="pair", disable=not progress)
+    scored = score_pairs(
+        teacher,
+        pairs.rename({"image": "image_id", "caption": "caption_id"}),
+        image_paths,
+        texts,
+        batch_size=batch_size,
+        bar=bar,
+    )
+    bar.close()
+    scores = {(i, c): s for i, c, s in scored.select("image_id", "caption_id", "score").iter_rows()}
 
     # Dense rows with -inf outside each query's own top-K: the metric's pessimistic ties then
     # rank every item the dual encoder did not retrieve behind all re-ranked ones.

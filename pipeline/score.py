@@ -90,22 +90,33 @@ def describe(values: np.ndarray) -> dict:
     return out
 
 
-def _score(teacher, ds: Dataset, pairs: pl.DataFrame, cfg: ScoreConfig, bar: tqdm) -> pl.DataFrame:
-    """Teacher scores of ``pairs``, grouped by image so that each image is encoded once."""
+def score_pairs(
+    teacher,
+    pairs: pl.DataFrame,
+    image_path,
+    text,
+    *,
+    batch_size: int = 64,
+    images_per_step: int = 16,
+    bar: tqdm | None = None,
+) -> pl.DataFrame:
+    """``pairs`` (image_id, caption_id) with the teacher's ``score`` and ``prob`` added.
+
+    Pairs are grouped by image so that each image is encoded once; ``image_path[i]`` is image
+    i's file and ``text[c]`` caption c's text (any indexable: dict, list, Series).
+    """
     from teacher.model import score_grouped
 
     groups = pairs.group_by("image_id", maintain_order=True).agg("caption_id")
-    paths = dict(ds.images.select("image_id", "path").iter_rows())
-    texts = ds.captions["caption"]
     out = []
-    for start in range(0, groups.height, cfg.images_per_step):
-        step = groups.slice(start, cfg.images_per_step)
+    for start in range(0, groups.height, images_per_step):
+        step = groups.slice(start, images_per_step)
         images = []
         for image_id in step["image_id"]:
-            with Image.open(ds.image_path(paths[image_id])) as img:
+            with Image.open(image_path[image_id]) as img:
                 images.append(img.convert("RGB"))
-        captions = [[texts[c] for c in ids] for ids in step["caption_id"]]
-        result = score_grouped(teacher, images, captions, batch_size=cfg.batch_size)
+        captions = [[text[c] for c in ids] for ids in step["caption_id"]]
+        result = score_grouped(teacher, images, captions, batch_size=batch_size)
         out.append(
             pl.DataFrame(
                 {
@@ -116,7 +127,8 @@ def _score(teacher, ds: Dataset, pairs: pl.DataFrame, cfg: ScoreConfig, bar: tqd
                 }
             )
         )
-        bar.update(sum(len(c) for c in captions))
+        if bar is not None:
+            bar.update(sum(len(c) for c in captions))
     return pl.concat(out)
 
 
@@ -181,6 +193,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True) -> dict:
         )
         todo[shard] = (have, missing)
     total = sum(m.height for _, m in todo.values())
+    paths = {i: ds.image_path(p) for i, p in ds.images.select("image_id", "path").iter_rows()}
 
     written, skipped, busy, scored = [], [], [], 0
     bar = tqdm(total=total, desc="teacher pairs", unit="pair", disable=not progress)
@@ -199,7 +212,17 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True) -> dict:
             need = by_shard.get(shard, pairs.clear().drop("shard"))
             if have is not None:
                 missing = need.join(have, on=["image_id", "caption_id"], how="anti")
-            new = _score(teacher, ds, missing, cfg, bar) if missing.height else None
+            new = None
+            if missing.height:
+                new = score_pairs(
+                    teacher,
+                    missing,
+                    paths,
+                    ds.captions["caption"],
+                    batch_size=cfg.batch_size,
+                    images_per_step=cfg.images_per_step,
+                    bar=bar,
+                )
             parts = [p for p in (have, new) if p is not None]
             rows = pl.concat(parts) if parts else pl.from_arrow(cache.SHARD_SCHEMA.empty_table())
             cache.write_shard(path, shard, rows)
