@@ -49,7 +49,7 @@ PROFILES = {
         teacher_epochs=8,
         student_epochs=6,
         student_batch=64,
-        k=16,
+        k=8,
         rerank_k=16,
         shards=16,
     ),
