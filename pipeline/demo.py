@@ -10,6 +10,7 @@ on a re-run the teacher cache answers every pair (pairs scored: 0).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -20,6 +21,11 @@ from pipeline.dataset import Dataset
 from pipeline.schemas import CANDIDATES_JSON, DATASET_JSON
 
 log = logging.getLogger(__name__)
+
+# The demo's teacher, trained once by `cprd train-teacher` (about 25 minutes on 2 CPU cores:
+# longer than the whole demo may take) on a separate draw of the same generator; its README.md
+# has the two commands that rebuild it. Used only while its generator version is current.
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "data" / "demo-teacher"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class DemoProfile:
     neighbours: int = 1  # hard batching: neighbour pairs per seed (1 keeps epochs 2x, not 4x)
     warmup: int = 10  # lr warmup steps of teacher and students (the defaults of 100 would
     # outlast a whole short demo run)
+    shipped_teacher: bool = True  # use data/demo-teacher (trained once) instead of training one
 
 
 PROFILES = {
@@ -64,9 +71,19 @@ PROFILES = {
         rerank_k=16,
         shards=8,
     ),
-    # For the end-to-end test: every stage runs, nothing is expected to learn.
+    # For the end-to-end test: every stage runs (train-teacher included), nothing is expected
+    # to learn.
     "smoke": DemoProfile(
-        48, 16, 16, teacher_epochs=1, student_epochs=1, student_batch=16, k=4, rerank_k=4, shards=2
+        48,
+        16,
+        16,
+        teacher_epochs=1,
+        student_epochs=1,
+        student_batch=16,
+        k=4,
+        rerank_k=4,
+        shards=2,
+        shipped_teacher=False,
     ),
 }
 
@@ -153,9 +170,12 @@ def run_demo(cfg: DemoConfig) -> dict:
             overwrite=True,
         ),
     )
+    shipped = _shipped_teacher() if p.shipped_teacher else None
+    if shipped is not None:
+        teacher = shipped
     stages.run(
         "train-teacher",
-        (teacher / "config.json").is_file(),
+        shipped is not None or (teacher / "config.json").is_file(),
         lambda: train_teacher(
             TeacherTrainConfig(
                 data=str(data),
@@ -167,6 +187,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 overwrite=True,
             )
         ),
+        note=f"shipped checkpoint {teacher}" if shipped is not None else "",
     )
     stages.run(
         "student-itc",
@@ -246,6 +267,25 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipeline.report import write_report
 
     return write_report(out, rows, stages.records, score, profile=cfg.profile)
+
+
+def _shipped_teacher() -> Path | None:
+    """The shipped demo teacher, or None (with a warning) when it is absent or out of date."""
+    from pipeline.demo_data import GENERATOR_VERSION
+
+    marker = SHIPPED_TEACHER / "demo_teacher.json"
+    if not marker.is_file():
+        log.warning("no shipped teacher at %s: training one (slow, see its README)", marker.parent)
+        return None
+    version = json.loads(marker.read_text())["generator_version"]
+    if version != GENERATOR_VERSION:
+        log.warning(
+            "shipped teacher was trained on demo-data version %s, this is %s: training one",
+            version,
+            GENERATOR_VERSION,
+        )
+        return None
+    return SHIPPED_TEACHER
 
 
 def _done(student_dir: Path) -> bool:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_dir
 from pipeline.dataset import hash_bytes, write_dataset
 
-GENERATOR_VERSION = 1  # bump whenever the same arguments would produce different bytes
+GENERATOR_VERSION = 2  # bump whenever the same arguments would produce different bytes
 GROUP_SIZE = 4
 MIN_IMAGE_SIZE = 32  # below this a 20%-of-side star is a handful of pixels, not a star
 SPLIT_KEYS = {"train": 0, "val": 1, "test": 2}  # fixed sub-seed keys: never derive from order
@@ -44,35 +44,34 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (30, 220, 230),
     "white": (245, 245, 245),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+# Four outlines a tiny ViT tells apart at 64 pixels (diamond and star were too close to square
+# and cross: a supervised probe stayed near chance on shape for hundreds of steps).
+SHAPES = ("circle", "square", "triangle", "cross")
 BACKGROUND = 60  # dark gray
 NOISE = 6  # +- per channel: pictures with one description still differ pixel for pixel
 
 # {a} is the first object (left / top), {b} the second. Every template names the relation, so
-# none is true of the group member with the objects' order reversed.
+# none is true of the group member with the objects' order reversed, and every template names
+# the first object first: reading order is position order. (Templates that reverse it, "a {b} to
+# the right of a {a}", made the tiny teacher's text parse the hard part: trained from scratch it
+# stayed at chance inside groups; with reading order = position order it binds. See issue #6.)
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "horizontal": (
         "a {a} to the left of a {b}",
-        "a {b} to the right of a {a}",
         "a {a} on the left and a {b} on the right",
-        "there is a {b} right of a {a}",
         "left: a {a}, right: a {b}",
         "a {a} left of a {b}",
-        "a {b} on the right, a {a} on the left",
         "the {a} is left of the {b}",
     ),
     "vertical": (
         "a {a} above a {b}",
-        "a {b} below a {a}",
         "a {a} on top and a {b} at the bottom",
-        "there is a {b} under a {a}",
         "top: a {a}, bottom: a {b}",
         "a {a} over a {b}",
-        "a {b} at the bottom, a {a} on top",
         "the {a} is above the {b}",
     ),
 }
-# 28 colour pairs x 15 shape pairs x 2 axes = 840 group kinds.
+# 28 colour pairs x 6 shape pairs x 2 axes = 336 group kinds.
 COMBOS = [
     (colours, shapes, axis)
     for colours in itertools.combinations(COLOURS, 2)
@@ -129,9 +128,9 @@ def _captions(scene: Scene, axis: str, offset: int, n: int) -> list[str]:
 
 def _layout(rng: np.random.Generator, size: int) -> tuple[Box, Box]:
     """Return two (along, across, side) boxes: the first wholly before the second, with a gap."""
-    sides = [round(rng.uniform(0.20, 0.35) * size) for _ in range(2)]
+    sides = [round(rng.uniform(0.28, 0.42) * size) for _ in range(2)]
     margin, gap = 1, max(1, round(0.05 * size))
-    free = size - 2 * margin - sum(sides) - gap  # >= 0.25 * size - 2 > 0
+    free = size - 2 * margin - sum(sides) - gap  # >= 0.11 * size - 2 > 0
     u0, u1 = np.sort(rng.uniform(0, free, 2))
     # floor keeps the order: the second starts at least side + gap after the first.
     along = [math.floor(margin + u0), math.floor(margin + u1 + sides[0] + gap)]

@@ -77,9 +77,15 @@ def tiny_config(
     text_layers: int = 2,
     heads: int = 4,
     max_text_length: int = 32,
-    init_range: float = 0.02,
+    init_range: float | None = None,
 ) -> BlipConfig:
-    """A small ``BlipConfig``: ViT over ``patch_size`` patches, a BERT with cross-attention."""
+    """A small ``BlipConfig``: ViT over ``patch_size`` patches, a BERT with cross-attention.
+
+    ``init_range`` (weight init std) defaults to BERT-base's scale relative to the width (0.02
+    at 768 wide, so ~0.07 at 64): BLIP's absolute 0.02 on a 64-wide model makes every layer's
+    output nearly input-independent, and training from scratch then sits on a plateau.
+    """
+    init_std = 0.02 * math.sqrt(768 / hidden_size) if init_range is None else init_range
     vision = {
         "hidden_size": hidden_size,
         "intermediate_size": 4 * hidden_size,
@@ -87,11 +93,11 @@ def tiny_config(
         "num_attention_heads": heads,
         "image_size": image_size,
         "patch_size": patch_size,
-        "initializer_range": init_range,
+        "initializer_range": init_std,
     }
     text = {
         "vocab_size": vocab_size,
-        "initializer_range": init_range,
+        "initializer_range": init_std,
         "hidden_size": hidden_size,
         "encoder_hidden_size": hidden_size,
         "intermediate_size": 4 * hidden_size,
@@ -104,7 +110,12 @@ def tiny_config(
         "eos_token_id": sep_token_id,
         "is_decoder": True,  # BLIP's text encoder: is_decoder adds the cross-attention layers
     }
-    return BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=hidden_size)
+    return BlipConfig(
+        vision_config=vision,
+        text_config=text,
+        image_text_hidden_size=hidden_size,
+        initializer_range=init_std,
+    )
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -148,7 +159,7 @@ def build_tiny_teacher(
     text_layers: int = 2,
     heads: int = 4,
     max_text_length: int = 32,
-    init_range: float = 0.02,
+    init_range: float | None = None,
 ) -> tuple[BlipForImageTextRetrieval, BlipProcessor]:
     """A freshly initialised tiny ``BlipForImageTextRetrieval`` and its ``BlipProcessor``."""
     if image_size % patch_size:

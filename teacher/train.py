@@ -84,7 +84,7 @@ def _build_model(cfg: TeacherTrainConfig, train_texts: list[str]):
     """A fresh tiny BLIP, or the base checkpoint unfrozen for fine-tuning."""
     if cfg.base == "tiny":
         torch.manual_seed(cfg.seed)
-        return build_tiny_teacher(
+        model, processor = build_tiny_teacher(
             train_texts,
             cfg.image_size,
             patch_size=cfg.patch_size,
@@ -92,6 +92,12 @@ def _build_model(cfg: TeacherTrainConfig, train_texts: list[str]):
             vision_layers=cfg.vision_layers,
             text_layers=cfg.text_layers,
         )
+        # ITM starts at its class prior (1 positive per 2 * negatives-per-query negatives), so
+        # its first steps go into using the image rather than into learning the base rate.
+        negatives = 2 * (cfg.num_hard_negatives + cfg.num_random_negatives)
+        with torch.no_grad():
+            model.itm_head.bias.copy_(torch.tensor([0.0, -math.log(negatives)]))
+        return model, processor
     base = load_teacher(cfg.base, device="cpu")
     return base.model.requires_grad_(True), base.processor
 

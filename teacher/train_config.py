@@ -16,7 +16,7 @@ class TeacherTrainConfig:
     base: str = "tiny"  # "tiny" (a small BLIP from scratch), or a BLIP ITM hub id / dir to tune
     epochs: int = 12  # passes over the training images (one random caption per image per pass)
     batch_size: int = 64  # images per batch (each with one caption)
-    lr: float = 5e-4  # peak AdamW learning rate; ~1e-5 suits fine-tuning a pretrained BLIP
+    lr: float = 1e-3  # peak AdamW learning rate; ~1e-5 suits fine-tuning a pretrained BLIP
     weight_decay: float = 0.05  # AdamW weight decay
     warmup: int = 100  # linear warm-up steps, then cosine decay to 0
     seed: int = 0  # seeds initialisation, batch order, caption choice and negative sampling

@@ -105,7 +105,7 @@ def test_pictures_match_captions(tmp_path: Path) -> None:
         train_images=24,
         val_images=4,
         test_images=4,
-        captions_per_image=8,
+        captions_per_image=5,
         image_size=64,
         progress=False,
     )
@@ -117,8 +117,10 @@ def test_pictures_match_captions(tmp_path: Path) -> None:
             with Image.open(ds.image_path(path)) as img:
                 assert (img.mode, img.size) == ("RGB", (64, 64))
                 pixels = np.asarray(img).astype(int)
-            (match,) = [m for m in map(CANONICAL.match, caps) if m]  # all 8 templates present
+            (match,) = [m for m in map(CANONICAL.match, caps) if m]  # all 5 templates present
             first_colour, _, relation, second_colour, _ = match.groups()
+            for caption in caps:  # every template names the first (left / top) object first
+                assert caption.index(first_colour) < caption.index(second_colour), caption
             first = _colour_centroid(pixels, first_colour)
             second = _colour_centroid(pixels, second_colour)
             assert first and second, (path, match.string)

@@ -1,0 +1,150 @@
+"""The method table: every distillation loss trained from one teacher cache, several seeds each.
+
+Runs (or reuses) ``cprd demo`` under ``--out`` for the data, the teacher, the miner and the
+teacher cache, then trains one student per (variant, seed) from that same cache with the demo's
+student settings, evaluates each on ``test``, and writes ``benchmarks/results/method.md``: the
+mean and spread of every metric per variant, and the fraction of the ITC -> teacher-rerank gap
+(RSUM) each closes. This is the reproduction of the paper's claims on the embedded benchmark:
+CPRD above logit distillation (``kl``), and the full ranking over all negatives (``listmle``,
+``cprd-all``) no better than the partial ranking (``cprd``).
+
+Every student lands in ``OUT/method/VARIANT/seedS`` and is reused on a re-run, so an interrupted
+run continues where it stopped. Last line of stdout with ``--json``: one JSON object.
+
+    python benchmarks/method_table.py --seeds 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_result  # noqa: E402
+
+METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+# name -> train-student options (every variant but `itc` uses the demo's hard batches and cache)
+VARIANTS: dict[str, dict] = {
+    "itc": {"loss": "none", "batching": "random"},
+    "itc-hard": {"loss": "none"},
+    "kl": {"loss": "kl"},
+    "margin-mse": {"loss": "margin-mse"},
+    "listmle": {"loss": "listmle"},
+    "cprd": {"loss": "cprd"},  # the first 4 negatives in teacher order are anchors
+    "cprd-top1": {"loss": "cprd", "valid_top": 1},
+    "cprd-p0.5": {"loss": "cprd", "valid_min_prob": 0.5},
+    "cprd-all": {"loss": "cprd", "valid_top": 10_000},  # every cached negative: full ranking
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("data/method-run"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="the demo's quick profile, 1 seed")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    seeds = 1 if args.quick else args.seeds
+
+    from pipeline.demo import PROFILES, DemoConfig, _done, _shipped_teacher, _student, run_demo
+    from pipeline.evaluate import EvalConfig, evaluate
+
+    profile = "quick" if args.quick else "full"
+    cfg = DemoConfig(out=args.out, profile=profile)
+    t0 = time.perf_counter()
+    demo = run_demo(cfg)
+    demo_seconds = round(time.perf_counter() - t0, 1)
+    cache = Path(demo["teacher_cache"]["cache_path"])
+    p = PROFILES[profile]
+    data = args.out / "data"
+    teacher = (_shipped_teacher() if p.shipped_teacher else None) or args.out / "teacher"
+
+    runs: dict[str, list[dict]] = {n: [] for n in ["teacher-rerank", *names]}
+    seconds: dict[str, float] = {}
+    for name in names:
+        for seed in range(seeds):
+            out = args.out / "method" / name / f"seed{seed}"
+            kw = dict(VARIANTS[name])
+            if kw.get("batching") != "random":
+                kw["teacher_scores"] = cache
+            t = time.perf_counter()
+            if not _done(out):
+                _student(replace(cfg, seed=seed), p, out, **kw)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+            ev = EvalConfig(data=data, student=str(out), split="test")
+            if name == "itc":  # the teacher re-ranks each ITC student's top-k
+                ev = replace(ev, rerank_teacher=str(teacher), rerank_k=p.rerank_k)
+            res = evaluate(ev)
+            runs[name].append(res["metrics"])
+            if name == "itc":
+                runs["teacher-rerank"].append(res["rerank_metrics"])
+            print(f"{name} seed {seed}: rsum {res['metrics']['rsum']:.1f}", file=sys.stderr)
+
+    rows = [_summary(n, r) for n, r in runs.items() if r]
+    by = {r["name"]: r for r in rows}
+    if "itc" in by:
+        lo, hi = by["itc"]["rsum_mean"], by["teacher-rerank"]["rsum_mean"]
+        for r in rows:
+            r["gap_closed"] = round((r["rsum_mean"] - lo) / (hi - lo), 3) if hi != lo else None
+    result = {
+        "profile": profile,
+        "seeds": seeds,
+        "rows": rows,
+        "demo_seconds": demo_seconds,
+        "student_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "cache": str(cache),
+    }
+    path = write_result(
+        "method",
+        "Method table: distillation losses from one teacher cache",
+        _markdown(result),
+        result,
+    )
+    print(_markdown(result))
+    print(f"written to {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return result
+
+
+def _summary(name: str, runs: list[dict]) -> dict:
+    row: dict = {"name": name, "n": len(runs)}
+    for m in METRICS:
+        values = [float(r[m]) for r in runs]
+        row[f"{m}_mean"] = round(statistics.fmean(values), 2)
+        row[f"{m}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    return row
+
+
+def _markdown(result: dict) -> str:
+    head = "| variant | n | " + " | ".join(METRICS) + " | gap closed |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+    for r in result["rows"]:
+        cells = [f"{r[f'{m}_mean']:.1f} ± {r[f'{m}_sd']:.1f}" for m in METRICS]
+        gap = r.get("gap_closed")
+        lines.append(
+            f"| {r['name']} | {r['n']} | "
+            + " | ".join(cells)
+            + f" | {'' if gap is None else gap} |"
+        )
+    return (
+        f"Profile `{result['profile']}` of `cprd demo`, {result['seeds']} seed(s) per variant, "
+        "test split; mean ± standard deviation over seeds. `gap closed` = (RSUM - ITC RSUM) / "
+        "(teacher-rerank RSUM - ITC RSUM), from the means. `teacher-rerank` is the teacher "
+        "re-ranking each ITC student's top-k.\n\n" + "\n".join(lines)
+    )
+
+
+if __name__ == "__main__":
+    main()
