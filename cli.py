@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -33,6 +34,7 @@ class CprdGroup(click.Group):
         except Exception as e:
             if ctx.params.get("debug"):
                 raise
+            _close_progress_bars()
             raise click.ClickException(_one_line(e)) from e
 
 
@@ -50,6 +52,13 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
         logger.handlers = [_StderrHandler()]
         logger.propagate = False
+
+
+def _close_progress_bars() -> None:
+    """End every open tqdm bar with a newline, so the Error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def _one_line(e: Exception) -> str:
@@ -613,6 +622,91 @@ def cache_info_cmd(path, as_json):
         return
     for k, v in info.items():
         click.echo(f"{k:<20}{v}")
+
+
+@cache_group.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--repair", is_flag=True, help="Re-score the damaged shards, rewrite the manifest.")
+@click.option(
+    "--candidates",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --repair: the candidates dir the cache was scored from.",
+)
+@click.option(
+    "--teacher", default=None, help="With --repair: the teacher [default: the one key.json names]."
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --repair: dataset dir [default: the one recorded in the candidates].",
+)
+@click.option("--batch-size", default=64, show_default=True, help="With --repair: caption batch.")
+@device_option
+@json_option
+def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as_json):
+    """Check every shard of a cache entry (marker, checksum, rows, hashing, duplicates) and the
+    manifest; exit 1 naming what is damaged. --repair re-scores only the damaged shards.
+
+    Example:
+
+    \b
+        cprd cache verify data/cache/0123abcd
+        cprd cache verify data/cache/0123abcd --repair --candidates data/cand
+    """
+    from pipeline.cache import verify
+
+    if not repair and any(v is not None for v in (candidates, teacher, data)):
+        raise click.UsageError("--candidates, --teacher and --data only go with --repair")
+    _positive(batch_size=batch_size)
+    result = {"command": "cache verify"}
+    if repair:
+        from pipeline.score import repair_cache
+
+        result |= repair_cache(
+            path, candidates, teacher, data=data, batch_size=batch_size, device=device
+        )
+        report = result["after"]
+        for line in result["warnings"]:
+            click.echo(f"warning: {line}", err=True)
+    else:
+        result |= verify(path)
+        report = result
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    else:
+        if repair and result["repaired_shards"]:
+            click.echo(
+                f"re-scored {', '.join(result['repaired_shards'])} ({result['pairs_scored']} pairs)"
+            )
+        if repair and result["manifest_rewritten"]:
+            click.echo("manifest rewritten")
+        for line in (*report["key_problems"], *report["manifest"]):
+            click.echo(line)
+        for name, what in report["damaged"].items():
+            click.echo(f"{name}: {what}")
+    if not report["healthy"]:
+        raise click.ClickException(_damage_summary(path, report))
+    if not as_json:
+        click.echo(
+            f"cache {path} is healthy: {report['num_shards']} shards, {report['pairs']} pairs"
+        )
+
+
+def _damage_summary(path: Path, report: dict) -> str:
+    """One line: how many shards are damaged (named), what else, and the command that fixes it."""
+    bad = list(report["damaged"])
+    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    what = [f"{len(bad)} of {report['num_shards']} shards damaged ({shown})"] * bool(bad)
+    what += ["key.json damaged"] * bool(report["key_problems"])
+    what += ["manifest wrong"] * bool(report["manifest"])
+    fix = (
+        "delete it and run `cprd score-teacher` again"
+        if report["key_problems"]
+        else f"repair it with `cprd cache verify {path} --repair --candidates DIR`"
+    )
+    return f"cache '{path}': {', '.join(what)}; {fix}"
 
 
 # ---- training ----------------------------------------------------------------------------------

@@ -89,18 +89,47 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     )
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces ``path`` in one rename.
+def check_out(path: str | os.PathLike, overwrite: bool = False, expect: str | None = None) -> None:
+    """Raise unless ``path`` can become an output dir: absent, or replaceable with ``overwrite``.
 
-    ``path`` must not exist unless ``overwrite`` is set (then the old directory is replaced only
-    once the new one is complete). On an exception nothing at ``path`` changes.
+    ``expect`` names the file that marks this kind of output (e.g. dataset.json): an existing,
+    non-empty directory without it is someone else's data and is never replaced.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(
+            f"cannot write '{path}': '{parent}' is a file, not a directory; choose another --out"
+        )
+    if not path.exists():
+        return
+    if not overwrite:
         raise FileExistsError(
             f"output '{path}' already exists; choose another --out or pass --overwrite"
         )
+    if not path.is_dir():
+        raise FileExistsError(
+            f"--overwrite: '{path}' is a file, not an output dir; not replacing it"
+        )
+    if expect and not (path / expect).exists() and any(path.iterdir()):
+        raise FileExistsError(
+            f"--overwrite: '{path}' holds no {expect}, so it is not an output of this command; "
+            "not replacing it (choose another --out)"
+        )
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    path: str | os.PathLike, overwrite: bool = False, expect: str | None = None
+) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces ``path`` in one rename.
+
+    ``path`` must not exist unless ``overwrite`` is set (then the old directory is replaced only
+    once the new one is complete; ``expect`` as in :func:`check_out`). On an exception nothing at
+    ``path`` changes.
+    """
+    path = Path(path)
+    check_out(path, overwrite, expect)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path.parent, path.name)
     tmp = _tmp_name(path)

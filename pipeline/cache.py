@@ -35,6 +35,7 @@ from pipeline import atomic
 CACHE_FORMAT = "cprd-teacher-cache"
 CACHE_VERSION = 1
 KEY_JSON = "key.json"
+KEY_FIELDS = ("dataset_fingerprint", "teacher_weights_sha256", "preprocessing", "precision")
 MANIFEST_JSON = "cache.json"
 
 SHARD_SCHEMA = pa.schema(
@@ -123,14 +124,22 @@ def read_key(path: Path) -> dict:
         hint = ""
         if (path / "candidates.json").is_file():
             hint = " (it is a candidates dir)"
+        elif (path / "dataset.json").is_file():
+            hint = " (it is a dataset dir)"
         elif any(p.joinpath(KEY_JSON).is_file() for p in path.iterdir() if p.is_dir()):
             hint = " (it is a cache root: pass one of its entries, see `cprd cache list`)"
         raise ValueError(
             f"'{path}' is not a teacher cache entry{hint}; pass the cache_path "
             "that `cprd score-teacher` printed"
         )
-    meta = json.loads(key_file.read_text())
-    if meta.get("format") != CACHE_FORMAT:
+    try:
+        meta = json.loads(key_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"'{key_file}' is corrupt ({e}); the entry cannot be trusted: delete '{path}' and "
+            "run `cprd score-teacher` again"
+        ) from e
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise ValueError(f"'{key_file}' is not a cprd teacher cache key file")
     return meta
 
@@ -169,6 +178,33 @@ def write_shard(path: Path, shard: int, rows: pl.DataFrame) -> dict:
     marker = {"shard": shard, "rows": rows.height, "sha256": atomic.file_sha256(f)}
     atomic.write_json(path / f"{shard_name(shard)}.json", marker)
     return marker
+
+
+def check_cache_root(root: Path, flag: str = "cache dir") -> None:
+    """ValueError when ``root`` is a file or another kind of cprd directory, not a cache root."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{flag} '{root}' is a file; pass a directory (the cache root)")
+    kinds = {
+        KEY_JSON: ("a teacher cache entry", f"pass its parent '{root.parent}'"),
+        "dataset.json": ("a dataset dir", "pass the directory that holds the cache entries"),
+        "candidates.json": ("a candidates dir", "pass the directory that holds the cache entries"),
+    }
+    for name, (kind, fix) in kinds.items():
+        if (root / name).is_file():
+            raise ValueError(f"{flag} '{root}' is {kind}, not a cache root; {fix}")
+
+
+def discard_shard(path: Path, shard: int) -> None:
+    """Delete a shard's file, then its marker (a crash in between leaves a marker without a
+    file, which every reader treats as not done, never a trusted unmarked file)."""
+    name = shard_name(shard)
+    atomic.remove_stale_tmp(path, f"{name}.parquet")
+    atomic.remove_stale_tmp(path, f"{name}.json")
+    (path / f"{name}.parquet").unlink(missing_ok=True)
+    atomic.fsync_dir(path)
+    (path / f"{name}.json").unlink(missing_ok=True)
+    atomic.fsync_dir(path)
 
 
 @contextlib.contextmanager
@@ -230,6 +266,7 @@ def cache_info(path: Path) -> dict:
 def list_caches(root: Path) -> list[dict]:
     """cache_info of every entry under a cache root."""
     root = Path(root)
+    check_cache_root(root)
     if not root.is_dir():
         raise FileNotFoundError(f"cache dir '{root}' does not exist")
     return [cache_info(p) for p in sorted(root.iterdir()) if (p / KEY_JSON).is_file()]
@@ -272,3 +309,124 @@ def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.Da
             )
         frames.append(pl.from_arrow(pq.read_table(f, schema=SHARD_SCHEMA)))
     return manifest, pl.concat(frames)
+
+
+# ---- verification ------------------------------------------------------------------------------
+
+
+def _shard_problems(path: Path, shard: int, num_shards: int) -> tuple[list[str], int]:
+    """(what is wrong with one shard, its rows): marker, file, checksum, rows, hashing, dupes."""
+    name = shard_name(shard)
+    f, m = path / f"{name}.parquet", path / f"{name}.json"
+    problems, marker = [], None
+    if m.is_file():
+        try:
+            marker = json.loads(m.read_text())
+            if not isinstance(marker, dict) or not {"rows", "sha256"} <= marker.keys():
+                raise ValueError("rows or sha256 missing")
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"marker unreadable ({e})")
+            marker = None
+    if not f.is_file():
+        what = "its marker is present" if m.is_file() else "no marker either: not scored yet"
+        return [*problems, f"shard file missing ({what})"], 0
+    if not m.is_file():
+        problems.append("marker missing (shard file present)")
+    if marker is not None and atomic.file_sha256(f) != marker["sha256"]:
+        problems.append("checksum differs from its marker")
+    try:
+        rows = pl.from_arrow(pq.read_table(f, schema=SHARD_SCHEMA))
+    except Exception as e:  # Arrow raises several types for damaged bytes; each is reported
+        problems.append(f"parquet unreadable ({str(e).splitlines()[0][:120]})")
+        return problems, 0
+    if marker is not None and rows.height != marker["rows"]:
+        problems.append(f"{rows.height} rows, its marker says {marker['rows']}")
+    ids = rows["image_id"].to_numpy(), rows["caption_id"].to_numpy()
+    elsewhere = int((shard_of(*ids, num_shards) != shard).sum())
+    if elsewhere:
+        problems.append(f"{elsewhere} pairs belong to other shards")
+    dupes = rows.height - rows.select("image_id", "caption_id").n_unique()
+    if dupes:
+        problems.append(f"{dupes} duplicate pairs")
+    bad = rows.height - rows.filter(pl.col("score").is_finite() & pl.col("prob").is_finite()).height
+    if bad:
+        problems.append(f"{bad} non-finite scores")
+    return problems, rows.height
+
+
+def _manifest_problems(path: Path, meta: dict) -> list[str]:
+    """What in cache.json disagrees with key.json and the shard markers (each line names it)."""
+    mfile = path / MANIFEST_JSON
+    if not mfile.is_file():
+        return [f"{MANIFEST_JSON} missing (the cache was never completed, or it was deleted)"]
+    try:
+        manifest = json.loads(mfile.read_text())
+        entries = manifest["shards"]
+        if not isinstance(entries, dict):
+            raise TypeError("'shards' is not a mapping")
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return [f"{MANIFEST_JSON} unreadable ({e})"]
+    problems = [
+        f"{MANIFEST_JSON}: {k} differs from {KEY_JSON}"
+        for k in ("key", "num_shards", *KEY_FIELDS)
+        if manifest.get(k) != meta.get(k)
+    ]
+    names = [shard_name(s) for s in range(meta["num_shards"])]
+    problems += [f"{MANIFEST_JSON}: no entry for {n}" for n in names if n not in entries]
+    problems += [f"{MANIFEST_JSON}: unknown shard {n}" for n in entries if n not in names]
+    for shard, name in enumerate(names):
+        marker, entry = read_marker(path, shard), entries.get(name)
+        if marker is None or not isinstance(entry, dict):
+            continue
+        if (entry.get("rows"), entry.get("sha256")) != (marker.get("rows"), marker.get("sha256")):
+            problems.append(
+                f"{MANIFEST_JSON}: {name} (rows {entry.get('rows')}, sha256 "
+                f"{str(entry.get('sha256'))[:12]}) disagrees with its marker (rows "
+                f"{marker.get('rows')}, sha256 {str(marker.get('sha256'))[:12]})"
+            )
+    total = sum(e.get("rows", 0) for e in entries.values() if isinstance(e, dict))
+    if manifest.get("pairs") != total:
+        problems.append(f"{MANIFEST_JSON}: pairs {manifest.get('pairs')}, its shards list {total}")
+    return problems
+
+
+def verify(path: Path) -> dict:
+    """A health report of a cache entry; reads every shard, changes nothing.
+
+    ``damaged`` maps each bad shard's name to one line saying what is wrong, ``manifest`` lists
+    what in cache.json disagrees, ``key_problems`` what is wrong with key.json itself (re-scoring
+    cannot fix that); ``healthy`` is True when all three are empty.
+    """
+    path = Path(path)
+    meta = read_key(path)
+    num_shards = meta["num_shards"]
+    identity = {"weights_sha256": meta.get("teacher_weights_sha256")}
+    identity |= {k: meta.get(k) for k in ("preprocessing", "precision")}
+    key_problems = []
+    if cache_key(meta.get("dataset_fingerprint"), identity)[0] != meta.get("key"):
+        key_problems.append(f"{KEY_JSON}: its fields do not hash to its key (edited?)")
+    if path.resolve().name != meta.get("key"):
+        key_problems.append(
+            f"the directory is named '{path.resolve().name}', its key is '{meta.get('key')}' "
+            "(renamed?); score-teacher looks for it under its key"
+        )
+    damaged, pairs = {}, 0
+    for shard in range(num_shards):
+        problems, rows = _shard_problems(path, shard, num_shards)
+        if problems:
+            damaged[shard_name(shard)] = "; ".join(problems)
+        else:
+            pairs += rows
+    manifest = _manifest_problems(path, meta)
+    return {
+        "cache_path": str(path),
+        "key": meta.get("key"),
+        "num_shards": num_shards,
+        "shards_ok": num_shards - len(damaged),
+        "pairs": pairs,
+        "damaged": damaged,
+        "manifest": manifest,
+        "key_problems": key_problems,
+        "temporaries": sorted(p.name for p in path.iterdir() if atomic.TMP_MARK in p.name),
+        "healthy": not (damaged or manifest or key_problems),
+    }

@@ -138,8 +138,11 @@ class Dataset:
             )
         meta_path = root / DATASET_JSON
         if not meta_path.is_file():
+            kinds = {"candidates.json": "a candidates dir", "key.json": "a teacher cache"}
+            kind = next((k for f, k in kinds.items() if (root / f).is_file()), None)
+            what = f"is {kind}, not a cprd dataset" if kind else "is not a cprd dataset"
             raise ValueError(
-                f"'{root}' is not a cprd dataset (no {DATASET_JSON}); create one with "
+                f"'{root}' {what} (no {DATASET_JSON}); pass a dataset dir, or create one with "
                 "`cprd import-data` or `cprd demo-data`"
             )
         try:

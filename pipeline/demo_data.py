@@ -25,8 +25,9 @@ import polars as pl
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, check_out
 from pipeline.dataset import hash_bytes, write_dataset
+from pipeline.schemas import DATASET_JSON
 
 GENERATOR_VERSION = 2  # bump whenever the same arguments would produce different bytes
 GROUP_SIZE = 4
@@ -215,12 +216,13 @@ def generate_demo_data(
     """Write the demo dataset to `out` atomically; return the dataset metadata dict."""
     sizes = {"train": train_images, "val": val_images, "test": test_images}
     _check_args(sizes, captions_per_image, image_size, seed)
+    check_out(out, overwrite, DATASET_JSON)
     images: list[dict] = []
     captions: list[dict] = []
     bar = tqdm(
         total=sum(sizes.values()), desc="drawing demo images", unit="img", disable=not progress
     )
-    with atomic_dir(out, overwrite=overwrite) as tmp, bar:
+    with atomic_dir(out, overwrite=overwrite, expect=DATASET_JSON) as tmp, bar:
         for split, n in sizes.items():
             (tmp / "images" / split).mkdir(parents=True)
             for i, (png, caps) in enumerate(

@@ -21,9 +21,18 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
+    """The requested device, else CUDA when present, else CPU; ValueError naming --device."""
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(
+                f"--device '{device}' is not a torch device; use cpu, cuda, cuda:N or mps"
+            ) from None
+        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+        if dev.type in available and not available[dev.type]():
+            raise ValueError(f"--device {device}: no {dev.type} device here; use --device cpu")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

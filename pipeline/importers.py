@@ -21,12 +21,14 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.dataset import hash_bytes, write_dataset
-from pipeline.schemas import SPLITS
+from pipeline.schemas import DATASET_JSON, SPLITS
 
 log = logging.getLogger(__name__)
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 SHOW = 5  # how many offenders an error message names
+# Text encoders read a few dozen tokens; a caption this long is a wrong column or a broken file.
+MAX_CAPTION_CHARS = 10_000
 
 
 def _names(items: list[str]) -> str:
@@ -79,6 +81,7 @@ def build_dataset(
     undecodable image is an error naming the first few offenders, or, with ``skip_bad_images``,
     is dropped with its captions and a warning.
     """
+    atomic.check_out(out, overwrite, DATASET_JSON)  # before the slow part: reading every image
     if not image_paths:
         raise ValueError("the input lists no images; nothing to import")
     dupes = [str(p) for p, n in Counter(image_paths).items() if n > 1]
@@ -102,6 +105,16 @@ def build_dataset(
         raise ValueError(
             f"{len(empty)} images have an empty caption: {_names(empty)}; "
             "remove the empty captions from the input"
+        )
+    huge = [
+        f"{p} ({max(map(len, caps))} characters)"
+        for p, caps in zip(image_paths, captions, strict=False)
+        if caps and max(map(len, caps)) > MAX_CAPTION_CHARS
+    ]
+    if huge:
+        raise ValueError(
+            f"{len(huge)} images have a caption over {MAX_CAPTION_CHARS} characters: "
+            f"{_names(huge)}; check --caption-col (or the file) picks the caption text"
         )
 
     checked = _check_images(image_paths, progress)
@@ -133,7 +146,7 @@ def build_dataset(
         schema={"image_id": pl.Int64, "caption": pl.String},
     )
     source = {**source, "skipped_images": len(bad)}
-    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic.atomic_dir(out, overwrite=overwrite, expect=DATASET_JSON) as tmp:
         return write_dataset(tmp, images, caps, source)
 
 
@@ -146,10 +159,10 @@ def import_karpathy(
     :func:`build_dataset`. Returns the dataset metadata.
     """
     json_path, images_root = Path(json_path), Path(images_root)
-    if not json_path.is_file():
-        raise FileNotFoundError(f"--karpathy file '{json_path}' does not exist")
+    _check_file(json_path, "--karpathy")
     if not images_root.is_dir():
-        raise FileNotFoundError(f"--images directory '{images_root}' does not exist")
+        what = "is a file, not a directory" if images_root.exists() else "does not exist"
+        raise FileNotFoundError(f"--images directory '{images_root}' {what}")
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -185,8 +198,27 @@ def import_karpathy(
         paths.append(root / entry.get("filepath", "") / entry["filename"])
         splits.append(split)
         captions.append([s["raw"] for s in sentences])
+    # One imgid on two different files is a broken split file (the same entry twice is reported
+    # by build_dataset as a duplicate image).
+    files_of: dict[object, set[Path]] = {}
+    for entry, path in zip(entries, paths, strict=True):
+        if "imgid" in entry:
+            files_of.setdefault(entry["imgid"], set()).add(path)
+    dupes = [str(i) for i, files in files_of.items() if len(files) > 1]
+    if dupes:
+        raise ValueError(
+            f"--karpathy file '{json_path}' gives {len(dupes)} imgid values to more than one "
+            f"image: {_names(dupes)}; each image needs one entry with a unique imgid"
+        )
     source = {"kind": "karpathy", "file": str(json_path.resolve()), "images_root": str(root)}
     return build_dataset(Path(out), paths, splits, captions, source, **kwargs)
+
+
+def _check_file(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} file '{path}' is a directory; pass the file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} file '{path}' does not exist")
 
 
 TABLE_READERS = {
@@ -216,8 +248,7 @@ def import_table(
     """
     table_path = Path(table_path)
     flag = f"--{fmt}"
-    if not table_path.is_file():
-        raise FileNotFoundError(f"{flag} file '{table_path}' does not exist")
+    _check_file(table_path, flag)
     if default_split not in SPLITS:
         raise ValueError(
             f"--default-split must be one of {', '.join(SPLITS)}, got '{default_split}'"

@@ -17,6 +17,7 @@ from pipeline import atomic
 from pipeline.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
 from pipeline.dataset import Dataset
 from pipeline.encode import encode_split, pick_device
+from pipeline.schemas import CANDIDATES_JSON
 from pipeline.search import INDEXES, approximate_recall, topk_search
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,7 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         raise ValueError(f"--k must be >= 1, got {cfg.k}")
     if cfg.index not in INDEXES:
         raise ValueError(f"--index must be one of {', '.join(INDEXES)}, got '{cfg.index}'")
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        raise FileExistsError(
-            f"output '{cfg.out}' already exists; choose another --out or pass --overwrite"
-        )
+    atomic.check_out(cfg.out, cfg.overwrite, CANDIDATES_JSON)
     ds = Dataset.load(cfg.data)
     images, captions = ds.split(cfg.split)
     emb, identity = _embed(cfg, ds, images, captions, progress)
@@ -193,5 +191,5 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
-    with atomic.atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+    with atomic.atomic_dir(cfg.out, overwrite=cfg.overwrite, expect=CANDIDATES_JSON) as tmp:
         return write_candidates(tmp, pa.concat_tables([i2t, t2i]), emb, manifest)

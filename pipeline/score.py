@@ -7,6 +7,7 @@ it, and skips shards that are complete or held by another process.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -65,8 +66,11 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
             first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
             rank = int(env["SLURM_ARRAY_TASK_ID"]) - first
             world_size = int(env["SLURM_ARRAY_TASK_COUNT"])
-    rank, world_size = rank or 0, world_size or 1
-    if world_size < 1 or not 0 <= rank < world_size:
+    rank = 0 if rank is None else rank
+    world_size = 1 if world_size is None else world_size
+    if world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
         raise ValueError(f"--rank must lie in 0..--world-size-1, got rank {rank} of {world_size}")
     return rank, world_size
 
@@ -146,15 +150,25 @@ def _existing(path: Path, shard: int) -> pl.DataFrame | None:
     return rows
 
 
-def score_teacher(cfg: ScoreConfig, progress: bool = True) -> dict:
-    """Score the missing pairs of this worker's shards; return the run summary."""
+def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) -> dict:
+    """Score the missing pairs of this worker's shards; return the run summary.
+
+    ``loaded_teacher`` (a teacher.model.LoadedTeacher of ``cfg.teacher``) saves loading it again.
+    """
     from teacher.model import load_teacher
 
     if cfg.shards < 1:
         raise ValueError(f"--shards must be >= 1, got {cfg.shards}")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.shard_ids is not None and max(cfg.shard_ids) >= cfg.shards:
+        # An existing cache must have cfg.shards shards too (open_cache refuses another count).
+        raise ValueError(
+            f"--shard-ids names shard {max(cfg.shard_ids)}, the cache has "
+            f"{cfg.shards} (0..{cfg.shards - 1})"
+        )
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    cache.check_cache_root(cfg.cache_dir, "--cache-dir")
     manifest, cand = load_candidates(cfg.candidates)
     ds = Dataset.load(cfg.data or manifest["dataset"]["path"])
     if ds.fingerprint != manifest["dataset"]["fingerprint"]:
@@ -163,7 +177,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True) -> dict:
             "mined from (fingerprints differ); pass the right --data"
         )
     pairs = unique_pairs(cand)
-    teacher = load_teacher(cfg.teacher, device=cfg.device)
+    teacher = loaded_teacher or load_teacher(cfg.teacher, device=cfg.device)
     key, fields = cache.cache_key(ds.fingerprint, teacher.identity)
     path = cache.open_cache(cfg.cache_dir, fields, key, cfg.shards, teacher.identity)
     num_shards = cache.read_key(path)["num_shards"]
@@ -173,13 +187,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True) -> dict:
             pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy(), num_shards
         )
     )
-    mine = cfg.shard_ids if cfg.shard_ids is not None else range(num_shards)
-    if cfg.shard_ids is not None and max(cfg.shard_ids) >= num_shards:
-        raise ValueError(
-            f"--shard-ids names shard {max(cfg.shard_ids)}, the cache has "
-            f"{num_shards} (0..{num_shards - 1})"
-        )
-    mine = list(mine)[rank::world]
+    mine = list(cfg.shard_ids if cfg.shard_ids is not None else range(num_shards))[rank::world]
 
     by_shard = {
         s: df.drop("shard") for (s,), df in pairs.partition_by("shard", as_dict=True).items()
@@ -249,3 +257,110 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True) -> dict:
         summary["teacher_score"] = describe(needed["score"].to_numpy())
         summary["miner_score"] = describe(cand["score"].to_numpy())
     return summary
+
+
+def repair_cache(
+    path: Path,
+    candidates: Path | None,
+    teacher: str | None = None,
+    *,
+    data: Path | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Re-score the damaged shards of a cache entry and rewrite its manifest; return a summary.
+
+    The cache does not record its candidates, so ``candidates`` must be the set it was scored
+    from; ``teacher`` (default: the spec key.json records) must give the same cache key. A
+    re-scored shard holds only the pairs of these candidates: pairs scored for other candidate
+    sets are lost from it (the summary warns).
+    """
+    from teacher.model import load_teacher
+
+    path = Path(path)
+    meta = cache.read_key(path)
+    before = cache.verify(path)
+    if before["key_problems"]:
+        raise ValueError(
+            f"cache '{path}' cannot be repaired: {before['key_problems'][0]}; delete it and run "
+            "`cprd score-teacher` again"
+        )
+    redo = sorted(int(name.split("-")[1]) for name in before["damaged"])
+    summary = {"cache_path": str(path), "repaired_shards": [], "pairs_scored": 0, "warnings": []}
+    if redo:
+        if candidates is None:
+            raise ValueError(
+                f"{len(redo)} shards need re-scoring: --repair needs --candidates DIR, the "
+                "candidates this cache was scored from"
+            )
+        have = load_candidates(candidates)[0]["dataset"]["fingerprint"]
+        if have != meta["dataset_fingerprint"]:
+            raise ValueError(
+                f"--candidates '{candidates}' belong to another cache: they were mined from "
+                f"dataset {have[:12]}, this cache holds dataset "
+                f"{meta['dataset_fingerprint'][:12]}; pass the candidates it was scored from"
+            )
+        spec = teacher or meta["teacher"]["spec"]
+        loaded = load_teacher(spec, device=device)
+        key, _ = cache.cache_key(meta["dataset_fingerprint"], loaded.identity)
+        if key != meta["key"]:
+            raise ValueError(
+                f"--teacher '{spec}' belongs to another cache (key {key}, this cache is "
+                f"{meta['key']}: other weights, preprocessing or precision); pass the teacher "
+                "this cache was scored with"
+            )
+        listed = _read_json(path / cache.MANIFEST_JSON).get("shards")
+        listed = listed if isinstance(listed, dict) else {}
+        old_rows = {}  # what each shard held before, to tell the user if pairs are lost
+        for shard in redo:
+            entry = listed.get(cache.shard_name(shard))
+            entry = entry if isinstance(entry, dict) else cache.read_marker(path, shard) or {}
+            old_rows[shard] = entry.get("rows")
+        # The manifest goes first: readers then see an incomplete cache, never a stale manifest.
+        (path / cache.MANIFEST_JSON).unlink(missing_ok=True)
+        for shard in redo:
+            with cache.shard_lock(path, shard) as got:
+                if not got:
+                    raise ValueError(
+                        f"{cache.shard_name(shard)} is being scored by another process; run "
+                        "`cprd cache verify` again when it has finished"
+                    )
+                cache.discard_shard(path, shard)
+        cfg = ScoreConfig(
+            candidates=Path(candidates),
+            teacher=spec,
+            cache_dir=path.parent,
+            shards=meta["num_shards"],
+            shard_ids=tuple(redo),
+            rank=0,
+            world_size=1,
+            batch_size=batch_size,
+            data=data,
+            device=device,
+        )
+        scored = score_teacher(cfg, progress=progress, loaded_teacher=loaded)
+        summary["repaired_shards"] = [cache.shard_name(s) for s in redo]
+        summary["pairs_scored"] = scored["pairs_scored"]
+        for shard in redo:
+            now = (cache.read_marker(path, shard) or {}).get("rows", 0)
+            if old_rows[shard] is not None and now < old_rows[shard]:
+                summary["warnings"].append(
+                    f"{cache.shard_name(shard)} held {old_rows[shard]} pairs, these candidates "
+                    f"give {now}: {old_rows[shard] - now} pairs of other candidate sets are no "
+                    "longer cached (score those candidates again to restore them)"
+                )
+    rewrite = bool(redo or before["manifest"])
+    summary["manifest_rewritten"] = rewrite and cache.finalize(path) is not None
+    summary["after"] = cache.verify(path)
+    summary["before"] = before
+    return summary
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or {} when it is missing or unreadable."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}

@@ -93,6 +93,7 @@ def check_config(cfg: StudentTrainConfig) -> None:
         ("--val-every", cfg.val_every, cfg.val_every >= 1, ">= 1"),
         ("--log-every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
         ("--stop-after", cfg.stop_after, cfg.stop_after is None or cfg.stop_after >= 1, ">= 1"),
+        ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
     ):
         _need(ok, f"{flag} must be {rule}, got {value}")
     p = cfg.valid_min_prob
@@ -128,7 +129,10 @@ def check_config(cfg: StudentTrainConfig) -> None:
     out = Path(cfg.out)
     _need(
         not cfg.resume or (out / "last.pt").is_file(),
-        f"--resume: '{out / 'last.pt'}' does not exist; start without --resume",
+        f"--resume: '{out / 'last.pt'}' does not exist (the run stopped before its first "
+        "checkpoint); start again with --overwrite"
+        if out.is_dir()
+        else f"--resume: '{out / 'last.pt'}' does not exist; start without --resume",
     )
     _need(
         not out.exists() or cfg.resume or cfg.overwrite,

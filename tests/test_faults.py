@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import run
 
 from pipeline import cache
 
@@ -80,3 +84,79 @@ def test_score_teacher_survives_sigkill(scoring_inputs, tmp_path):
         assert sorted(p.name for p in path.glob("shard-*.parquet")) == sorted(
             p.name for p in Path(clean_summary["cache_path"]).glob("shard-*.parquet")
         )
+
+
+def test_train_student_survives_sigkill(scoring_inputs, small_dataset, tmp_path):
+    """kill -9 at a random moment after the first checkpoint, then --resume: the same steps,
+    weights and metrics as an uninterrupted run with the same seed (CPRD, hard batches)."""
+    cand, teacher = scoring_inputs
+    scored = run(
+        "score-teacher",
+        "--candidates",
+        cand,
+        "--teacher",
+        teacher,
+        "--shards",
+        "2",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--json",
+    )
+    assert scored.exit_code == 0, scored.output
+    epochs = 3  # 12 steps each; a checkpoint after every epoch
+    args = [
+        "train-student",
+        "--data",
+        small_dataset,
+        "--teacher-scores",
+        json.loads(scored.stdout.strip().splitlines()[-1])["cache_path"],
+        "--loss",
+        "cprd",
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--num-workers",
+        "0",
+        "--seed",
+        "3",
+        "--json",
+    ]
+    out, ref = tmp_path / "killed", tmp_path / "clean"
+    clean_proc = cprd(*args, "--out", ref)  # runs alongside: the results do not depend on timing
+    proc = cprd(*args, "--out", out)
+    started = time.monotonic()
+    while not (out / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.monotonic() - started < 240, "no checkpoint after 240 s"
+        time.sleep(0.01)
+    # A random moment within about the next epoch (mid-step or mid-save), but before the last
+    # epoch ends: each checkpoint is a new file (atomic rename), so count them by inode changes.
+    deadline, inode, saved = time.monotonic() + random.uniform(0, 1.5), None, 0
+    while time.monotonic() < deadline and saved < epochs - 1:
+        with contextlib.suppress(FileNotFoundError):
+            now = (out / "last.pt").stat().st_ino
+            saved, inode = saved + (now != inode), now
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the kill: give it more epochs"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done = torch.load(out / "last.pt", weights_only=True)["state"]["epoch"]
+    assert 1 <= done < epochs
+    clean = finish(clean_proc)
+
+    resumed = finish(cprd(*args, "--out", out, "--resume"))
+    assert resumed["steps"] == clean["steps"] and resumed["epochs"] == clean["epochs"] == epochs
+    assert resumed["best_epoch"] == clean["best_epoch"]
+    for name in ("last.pt", "model.pt"):  # the final state and the best epoch's weights
+        a = torch.load(ref / name, weights_only=True)
+        b = torch.load(out / name, weights_only=True)
+        a, b = a.get("model", a), b.get("model", b)
+        assert a.keys() == b.keys()
+        for key, tensor in a.items():
+            assert torch.equal(tensor, b[key]), (name, key)
+    # Lines logged past the checkpoint before the kill are not logged twice.
+    assert (out / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
