@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # longer than the whole demo may take) on a separate draw of the same generator; its README.md
 # has the two commands that rebuild it. Used only while its generator version is current.
 SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "data" / "demo-teacher"
+DEMO_MARKER = "demo.json"  # marks a directory as a demo run (a re-run may replace its stages)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,14 @@ class DemoConfig:
     seed: int = 0  # data, initialisation and batch order
     device: str | None = None  # None: CUDA when present, else CPU
 
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(
+                f"unknown demo profile '{self.profile}'; choose one of {list(PROFILES)}"
+            )
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+
 
 class _Stages:
     """Runs named stages, timing each, skipping those whose output exists."""
@@ -151,6 +160,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise ValueError(f"unknown demo profile '{cfg.profile}'; choose one of {list(PROFILES)}")
     p = PROFILES[cfg.profile]
     out = Path(cfg.out)
+    _claim(out)
     data, teacher, students = out / "data", out / "teacher", out / "students"
     stages = _Stages()
 
@@ -267,6 +277,27 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipeline.report import write_report
 
     return write_report(out, rows, stages.records, score, profile=cfg.profile)
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` a demo run dir: absent, empty or a demo's own; anything else is refused.
+
+    A re-run deletes stale stages under ``out`` (teacher/, students/, candidates/), so a
+    directory that no demo wrote, such as a dataset, must never be taken for one.
+    """
+    from pipeline.atomic import check_out, write_json
+
+    if not out.exists():
+        check_out(out)  # names a parent that is a file
+    elif not out.is_dir():
+        raise NotADirectoryError(f"--out '{out}' is a file; choose a directory for the demo run")
+    elif any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        raise FileExistsError(
+            f"--out '{out}' is a non-empty directory that no `cprd demo` wrote (no {DEMO_MARKER}); "
+            "choose a new or empty --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / DEMO_MARKER, {"written_by": "cprd demo"})
 
 
 def _shipped_teacher() -> Path | None:

@@ -36,17 +36,39 @@ class TeacherTrainConfig:
     val_k: int = 8  # ITM re-ranks the ITC top-k in validation
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
     overwrite: bool = False  # replace an existing output directory
+    # Base "effnet-minilm" only (teacher/train_pretrained.py); batch_size counts queries there,
+    # each with 1 positive, num_hard_negatives from the prior's top negative_pool and
+    # num_random_negatives uniform ones.
+    prior_student: str | None = None  # effnet-minilm: train-student dir whose cosine is the prior
+    fusion_layers: int = 2  # effnet-minilm: top MiniLM layers given cross-attention (trained)
+    itm_loss: str = "bce"  # effnet-minilm: bce (match / no match per pair) or listwise (per query)
+    negative_pool: int = 16  # effnet-minilm: hard negatives come from the prior's top N
+    feature_cache: str | None = None  # effnet-minilm: feature cache dir; ~/.cache/cprd/features
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "group_size", "val_k"):
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        for name in ("epochs", "batch_size", "group_size", "val_k", "image_size", "patch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_hard_negatives", "num_random_negatives", "easy_epochs", "warmup"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "itc_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "itm_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.num_hard_negatives + self.num_random_negatives < 1:
             raise ValueError(
-                "num_hard_negatives + num_random_negatives must be >= 1: ITM needs negatives"
+                "--num-hard-negatives + --num-random-negatives must be >= 1: ITM needs negatives"
             )
         if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2: in-batch negatives need a second pair")
+            raise ValueError("--batch-size must be >= 2: in-batch negatives need a second pair")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"--image-size {self.image_size} must be a multiple of --patch-size "
+                f"{self.patch_size}"
+            )

@@ -163,9 +163,9 @@ def test_train_teacher_short_run_writes_loadable_teacher(demo_dataset: Path, tmp
 
 def test_train_config_rejects_bad_values():
     """Config validation names the field."""
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size"):
         TeacherTrainConfig(data="d", out="o", batch_size=1)
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
         TeacherTrainConfig(data="d", out="o", epochs=0)
     with pytest.raises(ValueError, match="ITM needs negatives"):
         TeacherTrainConfig(data="d", out="o", num_hard_negatives=0, num_random_negatives=0)
