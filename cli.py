@@ -655,7 +655,7 @@ def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as
         cprd cache verify data/cache/0123abcd
         cprd cache verify data/cache/0123abcd --repair --candidates data/cand
     """
-    from pipeline.cache import verify
+    from pipeline.cache_verify import verify
 
     if not repair and any(v is not None for v in (candidates, teacher, data)):
         raise click.UsageError("--candidates, --teacher and --data only go with --repair")

@@ -18,7 +18,7 @@ import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic, cache
+from pipeline import atomic, cache, cache_verify
 from pipeline.candidates import load_candidates
 from pipeline.dataset import Dataset
 
@@ -280,7 +280,7 @@ def repair_cache(
 
     path = Path(path)
     meta = cache.read_key(path)
-    before = cache.verify(path)
+    before = cache_verify.verify(path)
     if before["key_problems"]:
         raise ValueError(
             f"cache '{path}' cannot be repaired: {before['key_problems'][0]}; delete it and run "
@@ -352,7 +352,7 @@ def repair_cache(
                 )
     rewrite = bool(redo or before["manifest"])
     summary["manifest_rewritten"] = rewrite and cache.finalize(path) is not None
-    summary["after"] = cache.verify(path)
+    summary["after"] = cache_verify.verify(path)
     summary["before"] = before
     return summary
 
