@@ -36,14 +36,6 @@ class TeacherTrainConfig:
     val_k: int = 8  # ITM re-ranks the ITC top-k in validation
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
     overwrite: bool = False  # replace an existing output directory
-    # Base "effnet-minilm" only (teacher/train_pretrained.py); batch_size counts queries there,
-    # each with 1 positive, num_hard_negatives from the prior's top negative_pool and
-    # num_random_negatives uniform ones.
-    prior_student: str | None = None  # effnet-minilm: train-student dir whose cosine is the prior
-    fusion_layers: int = 2  # effnet-minilm: top MiniLM layers given cross-attention (trained)
-    itm_loss: str = "bce"  # effnet-minilm: bce (match / no match per pair) or listwise (per query)
-    negative_pool: int = 16  # effnet-minilm: hard negatives come from the prior's top N
-    feature_cache: str | None = None  # effnet-minilm: feature cache dir; ~/.cache/cprd/features
 
     def __post_init__(self) -> None:
         def flag(name: str) -> str:
