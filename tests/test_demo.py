@@ -73,3 +73,24 @@ def test_shipped_teacher_binds(tmp_path):
         scores = score_grouped(teacher, pictures, [[texts[i] for i in group]] * len(group))
         hits += [int(s.argmax()) == row for row, s in enumerate(scores.logits)]
     assert sum(hits) / len(hits) > 0.5, f"within-group R@1 {sum(hits) / len(hits):.2f}"
+
+
+def test_a_new_generator_version_invalidates_data_and_shipped_teacher(tmp_path, monkeypatch):
+    """Data or a teacher made by an older generator is never reused as if current."""
+    import pipeline.demo_data as demo_data
+    from pipeline.demo import PROFILES, _same_data, _shipped_teacher
+
+    p = PROFILES["smoke"]
+    cfg = DemoConfig(out=tmp_path, profile="smoke")
+    demo_data.generate_demo_data(
+        tmp_path / "data",
+        train_images=p.train_images,
+        val_images=p.val_images,
+        test_images=p.test_images,
+        progress=False,
+    )
+    assert _same_data(tmp_path / "data", cfg, p)
+    assert _shipped_teacher() is not None
+    monkeypatch.setattr(demo_data, "GENERATOR_VERSION", demo_data.GENERATOR_VERSION + 1)
+    assert not _same_data(tmp_path / "data", cfg, p)
+    assert _shipped_teacher() is None
