@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     seeds = 1 if args.quick else args.seeds
 
-    from pipeline.demo import PROFILES, DemoConfig, _done, _shipped_teacher, _student, run_demo
+    from pipeline.demo import PROFILES, DemoConfig, _done, _student, demo_teacher, run_demo
     from pipeline.evaluate import EvalConfig, evaluate
 
     profile = "quick" if args.quick else "full"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache = Path(demo["teacher_cache"]["cache_path"])
     p = PROFILES[profile]
     data = args.out / "data"
-    teacher = (_shipped_teacher() if p.shipped_teacher else None) or args.out / "teacher"
+    teacher, _ = demo_teacher(args.out, p)
 
     runs: dict[str, list[dict]] = {n: [] for n in ["teacher-rerank", *names]}
     seconds: dict[str, float] = {}

@@ -178,12 +178,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             overwrite=True,
         ),
     )
-    shipped = _shipped_teacher() if p.shipped_teacher else None
-    if shipped is not None:
-        teacher = shipped
+    teacher, shipped = demo_teacher(out, p)
     stages.run(
         "train-teacher",
-        shipped is not None or (teacher / "config.json").is_file(),
+        shipped or (teacher / "config.json").is_file(),
         lambda: train_teacher(
             TeacherTrainConfig(
                 data=str(data),
@@ -195,7 +193,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 overwrite=True,
             )
         ),
-        note=f"shipped checkpoint {teacher}" if shipped is not None else "",
+        note=f"shipped checkpoint {teacher}" if shipped else "",
     )
     stages.run(
         "student-itc",
@@ -296,6 +294,12 @@ def _claim(out: Path) -> None:
         )
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / DEMO_MARKER, {"written_by": "cprd demo"})
+
+
+def demo_teacher(out: Path, p: DemoProfile) -> tuple[Path, bool]:
+    """(the teacher dir a demo run under ``out`` uses, whether it is the shipped one)."""
+    shipped = _shipped_teacher() if p.shipped_teacher else None
+    return (shipped, True) if shipped is not None else (out / "teacher", False)
 
 
 def _shipped_teacher() -> Path | None:

@@ -64,6 +64,26 @@ def run(*args: str) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
+def mine_and_score(base: Path, data: Path, teacher: Path, k: int, shards: int) -> Path:
+    """Mine ``k`` candidates into base/cand and score them into base/cache; the cache entry."""
+    result = run("mine-candidates", "--data", data, "--out", base / "cand", "--k", k)
+    assert result.exit_code == 0, result.output
+    result = run(
+        "score-teacher",
+        "--candidates",
+        base / "cand",
+        "--teacher",
+        teacher,
+        "--cache-dir",
+        base / "cache",
+        "--shards",
+        shards,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    return Path(json.loads(result.stdout.strip().splitlines()[-1])["cache_path"])
+
+
 def assert_error(result: Result, *fragments: str) -> str:
     """Assert exit 1 with exactly one `Error:` line holding every fragment, and no traceback."""
     assert result.exit_code == 1, (result.exit_code, result.output, result.exception)

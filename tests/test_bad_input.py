@@ -12,29 +12,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import assert_error, run, write_image
+from conftest import assert_error, mine_and_score, run, write_image
 
 
 @pytest.fixture(scope="module")
 def w(small_dataset, tiny_teacher_dir, demo_dataset_master, tmp_path_factory) -> SimpleNamespace:
     """The shared inputs (read-only): ds, cand, cache (an entry), cache_root, teacher, other."""
     base = tmp_path_factory.mktemp("bad-input")
-    result = run("mine-candidates", "--data", small_dataset, "--out", base / "cand", "--k", 2)
-    assert result.exit_code == 0, result.output
-    result = run(
-        "score-teacher",
-        "--candidates",
-        base / "cand",
-        "--teacher",
-        tiny_teacher_dir,
-        "--cache-dir",
-        base / "cache",
-        "--shards",
-        2,
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    cache = Path(json.loads(result.stdout.strip().splitlines()[-1])["cache_path"])
+    cache = mine_and_score(base, small_dataset, tiny_teacher_dir, k=2, shards=2)
     return SimpleNamespace(
         ds=small_dataset,
         cand=base / "cand",

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import assert_error, run
+from conftest import assert_error, mine_and_score, run
 
 from pipeline import cache
 
@@ -20,22 +20,7 @@ SHARDS = 4
 def clean(small_dataset, tiny_teacher_dir, tmp_path_factory) -> dict:
     """A complete 4-shard cache of k=3 candidates (read-only), its candidates and its scores."""
     base = tmp_path_factory.mktemp("verify")
-    result = run("mine-candidates", "--data", small_dataset, "--out", base / "cand", "--k", 3)
-    assert result.exit_code == 0, result.output
-    result = run(
-        "score-teacher",
-        "--candidates",
-        base / "cand",
-        "--teacher",
-        tiny_teacher_dir,
-        "--cache-dir",
-        base / "cache",
-        "--shards",
-        SHARDS,
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    path = Path(json.loads(result.stdout.strip().splitlines()[-1])["cache_path"])
+    path = mine_and_score(base, small_dataset, tiny_teacher_dir, k=3, shards=SHARDS)
     rows = {s: cache.read_shard(path, s).height for s in range(SHARDS)}
     return {"path": path, "cand": base / "cand", "scores": scores(path), "rows": rows}
 
