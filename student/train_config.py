@@ -14,7 +14,7 @@ DEFAULT_VALID_TOP = 4  # CPRD anchors per query when neither validity flag is gi
 # a larger --epochs stretches the cosine schedule from where it is).
 RESUMABLE = frozenset(
     {"epochs", "device", "num_workers", "val_every", "log_every", "resume", "overwrite"}
-    | {"stop_after"}
+    | {"stop_after", "feature_cache"}
 )
 
 
@@ -44,6 +44,8 @@ class StudentTrainConfig:
     seed: int = 0  # model init (tiny) and batch order
     device: str | None = None  # None: CUDA when present, else CPU
     num_workers: int = 2  # image-decoding worker processes per rank
+    feature_cache: Path | None = None  # frozen towers' feature cache; None: $CPRD_FEATURE_CACHE
+    # or ~/.cache/cprd/features (pipeline/features.py)
     val_every: int = 1  # validate every N epochs (and always after the last)
     log_every: int = 10  # steps between "train" lines in metrics.jsonl
     resume: bool = False  # continue from out/last.pt

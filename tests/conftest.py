@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 # A hub call hangs ~24 s before failing here; nothing in the tests may download anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Frozen towers' features (pipeline/features.py) go to a fresh folder, never the user's cache.
+os.environ["CPRD_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="cprd-test-features-")
 
 import pytest  # noqa: E402
 from click.testing import CliRunner, Result  # noqa: E402
