@@ -1,0 +1,345 @@
+"""Real photographs: the whole pipeline on the Flickr8k fixture with the towers that exist offline.
+
+Stages (DESIGN 6b), each reused when its output is already under ``--out``, so an interrupted
+run continues where it stopped:
+
+1. import the Karpathy JSON (``--quick``: the first quarter of each split) -> OUT/data;
+2. the pretrained dual encoder ``effnet-minilm`` (frozen ImageNet EfficientNet-Lite0 and MiniLM
+   towers, linear heads trained with ITC) -> OUT/students/effnet-minilm: the miner, and a row;
+3. the teacher ``--base effnet-minilm`` (a cross-encoder over the towers' token features with the
+   dual encoder's similarity as a prior) -> OUT/teacher;
+4. mine the train split's candidates with the dual encoder; score them once with the teacher;
+5. cheap students, all from that one cache: the fast query encoder
+   ``effnet-minilm:text-layers=2,text-width=128`` (frozen image tower, a 2-layer text tower from
+   scratch) with each loss, several seeds for ``none``, ``itc-hard`` and ``cprd``; each keeps its
+   best epoch on val -> OUT/students/LOSS (seed 0) and OUT/students/LOSS-seedS;
+6. evaluate everything on test, plus the teacher re-ranking the dual encoder's top-K.
+
+Frozen towers' features are computed once into OUT/features (pipeline/features.py). Writes
+``benchmarks/results/real_flickr.md`` (not with ``--quick``). Last line with ``--json``: one
+JSON object.
+
+    python benchmarks/real_flickr.py --seeds 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_result  # noqa: E402
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-3k"
+METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+DUAL = "effnet-minilm"
+CHEAP = "effnet-minilm:text-layers=2,text-width=128"
+# loss name -> train-student options; every one but `none` uses the teacher cache's hard batches
+LOSSES: dict[str, dict] = {
+    "none": {"loss": "none", "batching": "random"},
+    "itc-hard": {"loss": "none"},
+    "kl": {"loss": "kl"},
+    "listmle": {"loss": "listmle"},
+    "margin-mse": {"loss": "margin-mse"},
+    "cprd": {"loss": "cprd"},
+}
+SEEDED = ("none", "itc-hard", "cprd")  # the rows run with --seeds seeds; the others with one
+
+
+@dataclass(frozen=True)
+class Profile:
+    fraction: float  # of each split of the fixture
+    dual_epochs: int
+    teacher_epochs: int
+    student_epochs: int
+    k: int  # candidates mined per query; also the teacher's re-rank depth on test
+    seeds: int | None  # None: --seeds
+
+
+PROFILES = {
+    "full": Profile(1.0, dual_epochs=5, teacher_epochs=4, student_epochs=10, k=16, seeds=None),
+    "quick": Profile(0.25, dual_epochs=3, teacher_epochs=1, student_epochs=3, k=8, seeds=1),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fixture", type=Path, default=FIXTURE, help="folder with the Karpathy JSON")
+    ap.add_argument("--out", type=Path, default=Path("data/real-flickr"))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of none, itc-hard and cprd")
+    ap.add_argument("--quick", action="store_true", help="a quarter of the data, 1 seed")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    karpathy = args.fixture / "dataset_flickr8k.json"
+    if not karpathy.is_file():
+        ap.error(f"--fixture {args.fixture}: no dataset_flickr8k.json there")
+    p = PROFILES["quick" if args.quick else "full"]
+    seeds = p.seeds or args.seeds
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["CPRD_FEATURE_CACHE"] = str((out / "features").resolve())
+
+    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.mine import MineConfig, mine_candidates
+    from pipeline.score import ScoreConfig, score_teacher
+    from teacher.train import train_teacher
+    from teacher.train_config import TeacherTrainConfig
+
+    stages: list[dict] = []
+
+    def stage(name: str, done: bool, fn):
+        t0 = time.perf_counter()
+        result = None if done else fn()
+        stages.append(
+            {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "reused": done}
+        )
+        print(
+            f"[real_flickr] {name}: {stages[-1]['seconds']} s{' (reused)' if done else ''}",
+            file=sys.stderr,
+        )
+        return result
+
+    data = out / "data"
+    stage("import", (data / "dataset.json").is_file(), lambda: _import(karpathy, data, p))
+    students = out / "students"
+    dual = students / DUAL
+    stage(
+        "dual-encoder",
+        _done(dual),
+        lambda: _student(
+            data, dual, DUAL, p.dual_epochs, 0, args.device, loss="none", batching="random"
+        ),
+    )
+    teacher = out / "teacher"
+    stage(
+        "train-teacher",
+        (teacher / "train_config.json").is_file(),
+        lambda: train_teacher(
+            TeacherTrainConfig(
+                data=str(data),
+                out=str(teacher),
+                base="effnet-minilm",
+                epochs=p.teacher_epochs,
+                device=args.device,
+                overwrite=True,
+            )
+        ),
+    )
+    cand = out / "candidates"
+    stage(
+        "mine-candidates",
+        (cand / "candidates.json").is_file(),
+        lambda: mine_candidates(
+            MineConfig(
+                data=data, student=str(dual), out=cand, k=p.k, device=args.device, overwrite=True
+            )
+        ),
+    )
+    score = stage(
+        "score-teacher",
+        False,  # always: with everything cached it scores nothing
+        lambda: score_teacher(
+            ScoreConfig(
+                candidates=cand,
+                teacher=str(teacher),
+                cache_dir=out / "cache",
+                shards=16,
+                device=args.device,
+            )
+        ),
+    )
+    cache = Path(score["cache_path"])
+
+    runs: dict[str, list[dict]] = {}
+    val: dict[str, list[float]] = {}
+    t_eval = 0.0
+    for name, kw in LOSSES.items():
+        for seed in range(seeds if name in SEEDED else 1):
+            where = students / (name if seed == 0 else f"{name}-seed{seed}")
+            if kw.get("batching") != "random":
+                kw = {**kw, "teacher_scores": cache}
+            stage(
+                f"student {name} seed {seed}",
+                _done(where),
+                lambda w=where, s=seed, k=kw: _student(
+                    data, w, f"{CHEAP},seed={s}", p.student_epochs, s, args.device, **k
+                ),
+            )
+            t0 = time.perf_counter()
+            res = evaluate(
+                EvalConfig(data=data, student=str(where), split="test", device=args.device),
+                progress=False,
+            )
+            t_eval += time.perf_counter() - t0
+            runs.setdefault(name, []).append(res["metrics"])
+            val.setdefault(name, []).append(_best_val(where))
+            print(
+                f"[real_flickr] {name} seed {seed}: test rsum {res['metrics']['rsum']:.1f}",
+                file=sys.stderr,
+            )
+
+    t0 = time.perf_counter()
+    res = evaluate(
+        EvalConfig(
+            data=data,
+            student=str(dual),
+            split="test",
+            device=args.device,
+            rerank_teacher=str(teacher),
+            rerank_k=p.k,
+        )
+    )
+    stages.append(
+        {
+            "stage": "evaluate",
+            "seconds": round(t_eval + time.perf_counter() - t0, 1),
+            "reused": False,
+        }
+    )
+    runs = {"teacher-rerank": [res["rerank_metrics"]], DUAL: [res["metrics"]], **runs}
+    val = {"teacher-rerank": [_teacher_val(teacher)], DUAL: [_best_val(dual)], **val}
+
+    rows = [_summary(n, r, val.get(n)) for n, r in runs.items()]
+    by = {r["name"]: r for r in rows}
+    lo, hi = by["none"]["rsum_mean"], by["teacher-rerank"]["rsum_mean"]
+    for r in rows:
+        r["gap_closed"] = round((r["rsum_mean"] - lo) / (hi - lo), 3) if hi != lo else None
+    result = {
+        "profile": "quick" if args.quick else "full",
+        "seeds": seeds,
+        "rows": rows,
+        "stages": stages,
+        "total_seconds": round(sum(s["seconds"] for s in stages), 1),
+        "teacher_cache": {k: score[k] for k in ("cache_path", "pairs_total", "pairs_scored")},
+        "out": str(out),
+    }
+    body = _markdown(result)
+    print(body)
+    if not args.quick:
+        path = write_result("real_flickr", "Real photographs: Flickr8k fixture", body, result)
+        print(f"written to {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return result
+
+
+def _import(karpathy: Path, data: Path, p: Profile) -> dict:
+    """The fixture, or (quick) the first ``p.fraction`` of each split, imported as a user would."""
+    from pipeline.importers import import_karpathy
+
+    source = karpathy
+    if p.fraction < 1.0:
+        doc = json.loads(karpathy.read_text(encoding="utf-8"))
+        keep, seen = [], {}
+        for split in ("train", "val", "test"):
+            seen[split] = sum(1 for im in doc["images"] if im["split"] == split)
+        taken = dict.fromkeys(seen, 0)
+        for im in doc["images"]:
+            if taken[im["split"]] < int(seen[im["split"]] * p.fraction):
+                keep.append(im)
+                taken[im["split"]] += 1
+        data.parent.mkdir(parents=True, exist_ok=True)
+        source = data.parent / "karpathy-subset.json"
+        source.write_text(json.dumps({**doc, "images": keep}), encoding="utf-8")
+    return import_karpathy(source, karpathy.parent / "images", data, progress=False, overwrite=True)
+
+
+def _student(data: Path, out: Path, spec: str, epochs: int, seed: int, device, **kw) -> dict:
+    from student.train import train_student
+    from student.train_config import StudentTrainConfig
+
+    cfg = StudentTrainConfig(
+        data=data,
+        out=out,
+        student=spec,
+        epochs=epochs,
+        batch_size=128,
+        lr=1e-3,
+        warmup_steps=20,
+        seed=seed,
+        device=device,
+        num_workers=0,
+        neighbours_per_seed=1,
+        overwrite=True,
+        **kw,
+    )
+    return train_student(cfg, progress=False)
+
+
+def _done(student_dir: Path) -> bool:
+    return (student_dir / "student.json").is_file()
+
+
+def _best_val(student_dir: Path) -> float | None:
+    """The val RSUM of the epoch a student kept (its selection on val)."""
+    best = None
+    for line in (student_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "val":
+            best = max(best or rec["val"]["rsum"], rec["val"]["rsum"])
+    return best
+
+
+def _teacher_val(teacher: Path) -> float | None:
+    """The teacher's best val re-rank RSUM, when its metrics say."""
+    best = None
+    path = teacher / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        value = rec.get("val_rerank_rsum")
+        if value is not None:
+            best = max(best or value, value)
+    return best
+
+
+def _summary(name: str, runs: list[dict], val: list | None) -> dict:
+    row: dict = {"name": name, "n": len(runs)}
+    for m in METRICS:
+        values = [float(r[m]) for r in runs]
+        row[f"{m}_mean"] = round(statistics.fmean(values), 2)
+        row[f"{m}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    kept = [v for v in (val or []) if v is not None]
+    row["val_rsum_mean"] = round(statistics.fmean(kept), 2) if kept else None
+    return row
+
+
+def _markdown(result: dict) -> str:
+    head = "| row | n | " + " | ".join(METRICS) + " | val RSUM | gap closed |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
+    for r in result["rows"]:
+        cells = [f"{r[f'{m}_mean']:.1f} ± {r[f'{m}_sd']:.1f}" for m in METRICS]
+        v, gap = r.get("val_rsum_mean"), r.get("gap_closed")
+        lines.append(
+            f"| {r['name']} | {r['n']} | "
+            + " | ".join(cells)
+            + f" | {'' if v is None else f'{v:.1f}'} | {'' if gap is None else gap} |"
+        )
+    stage_lines = ["| stage | seconds | reused |", "|---|---|---|"]
+    stage_lines += [f"| {s['stage']} | {s['seconds']} | {s['reused']} |" for s in result["stages"]]
+    return (
+        f"Profile `{result['profile']}`; test split of the fixture; mean ± standard deviation "
+        f"over seeds (n). `{DUAL}`: the pretrained dual encoder (frozen towers, linear heads), the "
+        f"miner. `teacher-rerank`: the teacher re-ranking its top-K. Every other row is the cheap "
+        f"student `{CHEAP}` trained with that loss from the one teacher cache and kept at its "
+        "best val epoch. `gap closed` = (RSUM - none) / (teacher-rerank - none), from the means. "
+        f"Total {result['total_seconds']} s.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(stage_lines)
+    )
+
+
+if __name__ == "__main__":
+    main()
