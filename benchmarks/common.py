@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -50,3 +51,17 @@ def write_result(name: str, title: str, body: str, data: dict) -> Path:
         f"```json\n{json.dumps(data, indent=2, sort_keys=True)}\n```\n"
     )
     return path
+
+
+METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
+    """One row: ``name``, the run count ``n``, and the mean and standard deviation (``_sd``, 0 for
+    one run) of every retrieval metric over ``runs`` (each a metrics dict from evaluate)."""
+    row: dict = {"name": name, "n": len(runs)}
+    for m in METRICS:
+        values = [float(r[m]) for r in runs]
+        row[f"{m}_mean"] = round(statistics.fmean(values), 2)
+        row[f"{m}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    return row

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -26,9 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import METRICS, summarise, write_result  # noqa: E402
 
-METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 # name -> train-student options (every variant but `itc` uses the demo's hard batches and cache)
 VARIANTS: dict[str, dict] = {
     "itc": {"loss": "none", "batching": "random"},
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs["teacher-rerank"].append(res["rerank_metrics"])
             print(f"{name} seed {seed}: rsum {res['metrics']['rsum']:.1f}", file=sys.stderr)
 
-    rows = [_summary(n, r) for n, r in runs.items() if r]
+    rows = [summarise(n, r) for n, r in runs.items() if r]
     by = {r["name"]: r for r in rows}
     if "itc" in by:
         lo, hi = by["itc"]["rsum_mean"], by["teacher-rerank"]["rsum_mean"]
@@ -116,15 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     return result
-
-
-def _summary(name: str, runs: list[dict]) -> dict:
-    row: dict = {"name": name, "n": len(runs)}
-    for m in METRICS:
-        values = [float(r[m]) for r in runs]
-        row[f"{m}_mean"] = round(statistics.fmean(values), 2)
-        row[f"{m}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
-    return row
 
 
 def _markdown(result: dict) -> str:

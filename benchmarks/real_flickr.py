@@ -35,10 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import METRICS, summarise, write_result  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-3k"
-METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 DUAL = "effnet-minilm"
 CHEAP = "effnet-minilm:text-layers=2,text-width=128"
 # loss name -> train-student options; every one but `none` uses the teacher cache's hard batches
@@ -305,11 +304,7 @@ def _teacher_val(teacher: Path) -> float | None:
 
 
 def _summary(name: str, runs: list[dict], val: list | None) -> dict:
-    row: dict = {"name": name, "n": len(runs)}
-    for m in METRICS:
-        values = [float(r[m]) for r in runs]
-        row[f"{m}_mean"] = round(statistics.fmean(values), 2)
-        row[f"{m}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    row = summarise(name, runs)
     kept = [v for v in (val or []) if v is not None]
     row["val_rsum_mean"] = round(statistics.fmean(kept), 2) if kept else None
     return row

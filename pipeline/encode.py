@@ -74,34 +74,35 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def _feature_identity(model: torch.nn.Module, tower: str) -> dict | None:
-    """The model's frozen ``tower`` identity when it offers cacheable features, else None."""
-    identity = getattr(model, "feature_identity", None)
-    return identity(tower) if identity is not None else None
-
-
 @torch.no_grad()
 def frozen_features(
     model: torch.nn.Module,
     tower: str,
     inputs: list,
     to_batch: Callable[[list], torch.Tensor],
-    keys: list[str],
     *,
-    batch_size: int,
-    device: torch.device,
+    batch_size: int = 64,
+    device: torch.device | None = None,
     progress: bool = True,
     cache: str | os.PathLike | None = None,
-) -> np.ndarray:
-    """(N, F) float32 features of a frozen tower (``model.tower_features``), through the cache.
+) -> np.ndarray | None:
+    """(N, F) float32 features of a frozen tower (``model.tower_features``) through the cache,
+    or None when the model offers none for ``tower`` (it trains, or it is not such a model).
 
-    ``inputs[i]`` is keyed by ``keys[i]``; ``to_batch`` turns a list of inputs into the tower's
-    input tensor. Only the inputs the cache (pipeline/features.py, root ``cache``) lacks are
-    computed; hits and misses are logged.
+    ``inputs`` are image paths (keyed by file bytes) or captions (keyed by text); ``to_batch``
+    turns a list of them into the tower's input tensor (``pixel_batches(preprocess)`` or the
+    tokenizer). Only what the cache (pipeline/features.py, root ``cache``) lacks is computed;
+    hits and misses are logged.
     """
-    from pipeline.features import FeatureStore
+    identity = getattr(model, "feature_identity", None)
+    identity = identity(tower) if identity is not None else None
+    if identity is None:
+        return None
+    from pipeline.features import FeatureStore, file_keys, text_keys
 
-    store = FeatureStore(model.feature_identity(tower), cache)
+    device = device or pick_device()
+    keys = file_keys(inputs) if tower == "image" else text_keys(inputs)
+    store = FeatureStore(identity, cache)
     bar = tqdm(total=len(set(keys)), desc=f"{tower} features", unit="item", disable=not progress)
     bar.update(sum(1 for k in set(keys) if k in store))
 
@@ -123,53 +124,14 @@ def frozen_features(
     return np.concatenate(items).astype(np.float32)  # (N, F)
 
 
-def _pixels_of(preprocess: Callable) -> Callable[[list[Path]], torch.Tensor]:
+def pixel_batches(preprocess: Callable) -> Callable[[list[Path]], torch.Tensor]:
+    """Image paths -> (N, 3, H, W) preprocessed pixels, decoded in this process."""
+
     def load(paths: list[Path]) -> torch.Tensor:
-        return torch.stack([_ImageFiles(paths, preprocess)[i] for i in range(len(paths))])
+        files = _ImageFiles(paths, preprocess)
+        return torch.stack([files[i] for i in range(len(paths))])
 
     return load
-
-
-def image_features(
-    model: torch.nn.Module,
-    preprocess: Callable,
-    paths: list[Path],
-    *,
-    batch_size: int = 64,
-    device: torch.device | None = None,
-    progress: bool = True,
-    cache: str | os.PathLike | None = None,
-) -> np.ndarray | None:
-    """(N, F) frozen image-tower features of ``paths`` through the cache; None when the model's
-    image tower trains (or the model has no such features)."""
-    if _feature_identity(model, "image") is None:
-        return None
-    from pipeline.features import file_keys
-
-    kw = {"batch_size": batch_size, "device": device or pick_device(), "progress": progress}
-    return frozen_features(
-        model, "image", paths, _pixels_of(preprocess), file_keys(paths), cache=cache, **kw
-    )
-
-
-def text_features(
-    model: torch.nn.Module,
-    tokenizer: Callable,
-    texts: list[str],
-    *,
-    batch_size: int = 256,
-    device: torch.device | None = None,
-    progress: bool = True,
-    cache: str | os.PathLike | None = None,
-) -> np.ndarray | None:
-    """(M, F) frozen text-tower features of ``texts`` through the cache; None when the model's
-    text tower trains (or the model has no such features)."""
-    if _feature_identity(model, "text") is None:
-        return None
-    from pipeline.features import text_keys
-
-    kw = {"batch_size": batch_size, "device": device or pick_device(), "progress": progress}
-    return frozen_features(model, "text", texts, tokenizer, text_keys(texts), cache=cache, **kw)
 
 
 def _embed_features(
@@ -200,7 +162,7 @@ def encode_images(
     """
     device = device or pick_device()
     kw = {"batch_size": batch_size, "device": device, "progress": progress}
-    feats = image_features(model, preprocess, paths, cache=cache, **kw)
+    feats = frozen_features(model, "image", paths, pixel_batches(preprocess), cache=cache, **kw)
     if feats is not None:
         return _embed_features(model.encode_image, feats, 4 * batch_size, device)
     # Decoding and resizing run in worker processes so they overlap the forward passes; small
@@ -232,7 +194,7 @@ def encode_texts(
     tower's features through the feature cache, like ``encode_images``)."""
     device = device or pick_device()
     kw = {"batch_size": batch_size, "device": device, "progress": progress}
-    feats = text_features(model, tokenizer, texts, cache=cache, **kw)
+    feats = frozen_features(model, "text", texts, tokenizer, cache=cache, **kw)
     if feats is not None:
         return _embed_features(model.encode_text, feats, batch_size, device)
     out = []

@@ -36,9 +36,9 @@ from pipeline.encode import (
     autocast,
     encode_images,
     encode_texts,
-    image_features,
+    frozen_features,
     pick_device,
-    text_features,
+    pixel_batches,
 )
 from pipeline.evaluate import ranks_from_embeddings
 from pipeline.metrics import retrieval_metrics_from_ranks
@@ -119,8 +119,11 @@ def _inputs(model, loaded, ds: Dataset, cfg: StudentTrainConfig, device, progres
     paths = [ds.image_path(p) for p in ds.images["path"].to_list()]
     texts = ds.captions["caption"].to_list()
     kw = {"device": device, "progress": progress, "cache": cfg.feature_cache}
-    img = image_features(model, loaded.preprocess, paths, batch_size=cfg.batch_size, **kw)
-    txt = text_features(model, loaded.tokenizer, texts, batch_size=4 * cfg.batch_size, **kw)
+    pixels = pixel_batches(loaded.preprocess)
+    img = frozen_features(model, "image", paths, pixels, batch_size=cfg.batch_size, **kw)
+    txt = frozen_features(
+        model, "text", texts, loaded.tokenizer, batch_size=4 * cfg.batch_size, **kw
+    )
     images = _Pixels(ds, loaded.preprocess) if img is None else _Rows(img)
 
     def captions(ids) -> torch.Tensor:

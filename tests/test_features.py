@@ -11,7 +11,7 @@ from conftest import run
 from PIL import Image
 
 from pipeline.dataset import Dataset
-from pipeline.encode import encode_images, encode_texts, image_features, text_features
+from pipeline.encode import encode_images, encode_texts, frozen_features
 from pipeline.features import FeatureStore, file_keys, image_key, text_keys
 from student.models import load_model, load_student, save_student
 
@@ -98,7 +98,7 @@ def test_trainable_towers_have_no_cached_features():
     loaded = load_model("effnet-minilm:unfreeze-image=1,text-layers=1,text-width=32")
     assert loaded.model.feature_identity("image") is None
     assert loaded.model.feature_identity("text") is None
-    assert image_features(loaded.model, loaded.preprocess, []) is None
+    assert frozen_features(loaded.model, "image", [], loaded.preprocess) is None
 
 
 def test_encoding_through_the_cache_matches_and_hits(effnet, tmp_path):
@@ -121,7 +121,7 @@ def test_encoding_through_the_cache_matches_and_hits(effnet, tmp_path):
     assert len(stores) == 2  # one image store, one text store
     parts = sorted(str(p) for p in cache.rglob("part-*.npz"))
     encode_images(effnet.model, effnet.preprocess, paths, **kw)  # all hits: no new part
-    text_features(effnet.model, effnet.tokenizer, CAPTIONS, **kw)
+    frozen_features(effnet.model, "text", CAPTIONS, effnet.tokenizer, **kw)
     assert sorted(str(p) for p in cache.rglob("part-*.npz")) == parts
 
 
