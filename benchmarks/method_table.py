@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import METRICS, summarise, write_result  # noqa: E402
+from benchmarks.common import METRICS, RESULTS, summarise, write_result  # noqa: E402
 
 # name -> train-student options (every variant but `itc` uses the demo's hard batches and cache)
 VARIANTS: dict[str, dict] = {
@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="the demo's quick profile, 1 seed")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of variants this run does not train from the existing results file "
+        "(same profile and seeds): adds variants to the table without retraining the others",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     names = args.variants.split(",")
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name} seed {seed}: rsum {res['metrics']['rsum']:.1f}", file=sys.stderr)
 
     rows = [summarise(n, r) for n, r in runs.items() if r]
+    if args.merge:
+        rows = _merged(rows, profile, seeds)
     by = {r["name"]: r for r in rows}
     if "itc" in by:
         lo, hi = by["itc"]["rsum_mean"], by["teacher-rerank"]["rsum_mean"]
@@ -114,6 +122,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     return result
+
+
+def _merged(rows: list[dict], profile: str, seeds: int) -> list[dict]:
+    """``rows`` plus the existing results file's rows of other variants, when it was written
+    for the same profile and seed count (the demo is deterministic: same data, teacher, cache)."""
+    path = RESULTS / "method.md"
+    if not path.is_file():
+        return rows
+    text = path.read_text()
+    old = json.loads(text[text.rindex("```json") + len("```json") : text.rindex("```")])
+    if (old["profile"], old["seeds"]) != (profile, seeds):
+        print(f"--merge: {path} is for another profile or seed count; not merged", file=sys.stderr)
+        return rows
+    mine = {r["name"] for r in rows}
+    kept = [r for r in old["rows"] if r["name"] not in mine]
+    return [*[r for r in rows if r["name"] == "teacher-rerank"], *kept] + [
+        r for r in rows if r["name"] != "teacher-rerank"
+    ]
 
 
 def _markdown(result: dict) -> str:
