@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name} seed {seed}: rsum {res['metrics']['rsum']:.1f}", file=sys.stderr)
 
     rows = [summarise(n, r) for n, r in runs.items() if r]
+    merged_from: list[str] = []
     if args.merge:
-        rows = _merged(rows, profile, seeds)
+        rows, merged_from = _merged(rows, profile, seeds)
     by = {r["name"]: r for r in rows}
     if "itc" in by:
         lo, hi = by["itc"]["rsum_mean"], by["teacher-rerank"]["rsum_mean"]
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "demo_seconds": demo_seconds,
         "student_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "cache": str(cache),
+        "merged_from": merged_from,
     }
     path = write_result(
         "method",
@@ -124,22 +126,25 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _merged(rows: list[dict], profile: str, seeds: int) -> list[dict]:
-    """``rows`` plus the existing results file's rows of other variants, when it was written
-    for the same profile and seed count (the demo is deterministic: same data, teacher, cache)."""
+def _merged(rows: list[dict], profile: str, seeds: int) -> tuple[list[dict], list[str]]:
+    """(``rows`` plus the existing results file's rows of other variants, the commands that
+    made those), when it was written for the same profile and seed count (the demo is
+    deterministic: same data, teacher and cache)."""
     path = RESULTS / "method.md"
     if not path.is_file():
-        return rows
+        return rows, []
     text = path.read_text()
     old = json.loads(text[text.rindex("```json") + len("```json") : text.rindex("```")])
     if (old["profile"], old["seeds"]) != (profile, seeds):
         print(f"--merge: {path} is for another profile or seed count; not merged", file=sys.stderr)
-        return rows
+        return rows, []
+    command = text.split("Command: `", 1)[1].split("`", 1)[0]
     mine = {r["name"] for r in rows}
     kept = [r for r in old["rows"] if r["name"] not in mine]
-    return [*[r for r in rows if r["name"] == "teacher-rerank"], *kept] + [
+    merged = [*[r for r in rows if r["name"] == "teacher-rerank"], *kept] + [
         r for r in rows if r["name"] != "teacher-rerank"
     ]
+    return merged, [*old.get("merged_from", []), command]
 
 
 def _markdown(result: dict) -> str:
@@ -157,7 +162,13 @@ def _markdown(result: dict) -> str:
         f"Profile `{result['profile']}` of `cprd demo`, {result['seeds']} seed(s) per variant, "
         "test split; mean ± standard deviation over seeds. `gap closed` = (RSUM - ITC RSUM) / "
         "(teacher-rerank RSUM - ITC RSUM), from the means. `teacher-rerank` is the teacher "
-        "re-ranking each ITC student's top-k.\n\n" + "\n".join(lines)
+        "re-ranking each ITC student's top-k."
+        + "".join(
+            f" Rows not trained by this command come from `{c}`."
+            for c in result.get("merged_from", [])
+        )
+        + "\n\n"
+        + "\n".join(lines)
     )
 
 
