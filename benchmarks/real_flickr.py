@@ -297,7 +297,7 @@ def _teacher_val(teacher: Path) -> float | None:
         return None
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        value = rec.get("val_rerank_rsum")
+        value = rec.get("rerank_rsum")
         if value is not None:
             best = max(best or value, value)
     return best

@@ -111,9 +111,18 @@ def _check_config(spec: str) -> None:
 
 
 def load_teacher(spec: str, device: str | torch.device | None = None) -> LoadedTeacher:
-    """Load ``spec`` (hub id or directory) as a frozen teacher; ValueError if it is not one."""
+    """Load ``spec`` (hub id or directory) as a frozen teacher; ValueError if it is not one.
+
+    A directory holding ``cprd_teacher.json`` (``train-teacher --base effnet-minilm``) loads as
+    a teacher.effnet_minilm.EffnetMiniLMTeacher, which has the same ``device``, ``identity`` and
+    ``max_text_length`` and scores through ``score_grouped`` below.
+    """
     spec = str(spec)
     local = Path(spec).expanduser()
+    if local.is_dir() and (local / "cprd_teacher.json").is_file():
+        from teacher.effnet_minilm import load_effnet_minilm  # a `--base effnet-minilm` teacher
+
+        return load_effnet_minilm(spec, device=device)
     if local.exists() or _looks_like_path(spec):
         _check_config(spec)
         source = str(local)
@@ -218,6 +227,8 @@ def score_grouped(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(teacher, LoadedTeacher):  # another kind of teacher scores itself
+        return teacher.score_grouped(images, captions, batch_size=batch_size)
     model = teacher.model
     logits = [np.zeros(len(c), dtype=np.float32) for c in captions]
     probs = [np.zeros(len(c), dtype=np.float32) for c in captions]

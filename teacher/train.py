@@ -111,6 +111,10 @@ def _lr_at(step: int, total: int, cfg: TeacherTrainConfig) -> float:
 
 def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     """Train the teacher, save it to ``cfg.out``; return a summary with per-epoch metrics."""
+    if cfg.base == "effnet-minilm":  # a cross-encoder over frozen pretrained towers
+        from teacher.effnet_minilm_train import train_effnet_minilm
+
+        return train_effnet_minilm(cfg, progress=progress)
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(
