@@ -210,13 +210,6 @@ def itm_loss(groups: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"itm loss must be softmax or bce, got {kind!r}")
 
 
-def _lr_at(step: int, total: int, cfg: TeacherTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_fusion(
     head: EffnetMiniLMHead,
     tr: SplitFeatures,
@@ -250,7 +243,7 @@ def train_fusion(
             if step >= total:
                 break
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, cfg)
+                group["lr"] = cfg.lr_at(step, total)
             groups = sampler.scores(head, sampler.sample(rows, rng))  # (G, 1 + K), positive 1st
             loss = itm_loss(groups, cfg.itm_loss)
             opt.zero_grad(set_to_none=True)
@@ -264,7 +257,7 @@ def train_fusion(
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, itm=f"{float(loss.detach()):.3f}")
         n_steps = max(1, step - epoch_start)
-        record = {"epoch": epoch + 1, "step": step, "lr": _lr_at(max(step - 1, 0), total, cfg)}
+        record = {"epoch": epoch + 1, "step": step, "lr": cfg.lr_at(max(step - 1, 0), total)}
         record.update({f"train_{k}": round(v / n_steps, 4) for k, v in sums.items()})
         record["w"], record["b"] = round(head.w.item(), 4), round(head.b.item(), 4)
         if evaluate is not None:

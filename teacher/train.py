@@ -102,13 +102,6 @@ def _build_model(cfg: TeacherTrainConfig, train_texts: list[str]):
     return base.model.requires_grad_(True), base.processor
 
 
-def _lr_at(step: int, total: int, cfg: TeacherTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     """Train the teacher, save it to ``cfg.out``; return a summary with per-epoch metrics."""
     if cfg.base == "effnet-minilm":  # a cross-encoder over frozen pretrained towers
@@ -161,7 +154,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
                 break
             if len(rows) < 2:
                 continue  # a lone pair has no in-batch negative
-            lr = _lr_at(step, total, cfg)
+            lr = cfg.lr_at(step, total)
             for group in opt.param_groups:
                 group["lr"] = lr
 
@@ -196,7 +189,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, itc=f"{terms['itc']:.3f}", itm=f"{terms['itm']:.3f}")
         n_steps = max(1, step - epoch_start)
-        record = {"epoch": epoch + 1, "step": step, "lr": _lr_at(max(step - 1, 0), total, cfg)}
+        record = {"epoch": epoch + 1, "step": step, "lr": cfg.lr_at(max(step - 1, 0), total)}
         record.update({f"train_{k}": round(v / n_steps, 4) for k, v in sums.items()})
         if val is not None:
             record.update(

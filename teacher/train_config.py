@@ -6,6 +6,7 @@ can read it instantly; written as ``train_config.json`` next to the trained teac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Options left unset (None) take their base's default: the effnet-minilm head trains on cached
@@ -54,6 +55,14 @@ class TeacherTrainConfig:
     negative_pool: int = 32  # effnet-minilm only: hard negatives come from a query's prior top-N
     itm_loss: str = "bce"  # effnet-minilm only: "bce" (per pair) or "softmax" (listwise per query)
     feature_cache: str | None = None  # effnet-minilm only: feature cache root (default: see README)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate at optimiser step ``step`` of ``total``: linear warm-up over ``warmup``
+        steps, then cosine decay to 0."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, total - self.warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def __post_init__(self) -> None:
         def flag(name: str) -> str:
