@@ -13,6 +13,9 @@ Output dir ``out`` (only rank 0 writes)::
 
 Training images go through the model's *eval* transform (resize + centre crop, no random crop):
 the demo's captions describe positions ("left of"), and a random crop could cut a shape off.
+A frozen tower (``effnet-minilm``'s default) is not run at all while training: its features
+for every image and caption are read once from the feature cache (computed on a miss,
+pipeline/features.py) and the steps run the projections on them.
 Run under ``torchrun --nproc_per_node N`` for DistributedDataParallel (student/distributed.py).
 Shape letters: B pairs, Pi / Pc images / captions a step encodes, D embedding width.
 """
