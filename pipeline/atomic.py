@@ -152,6 +152,11 @@ def atomic_dir(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def json_sha256(obj: Any) -> str:
+    """Hex sha256 of ``obj`` as JSON with sorted keys: the same for equal content, any key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks (manifests record it, readers check it)."""
     h = hashlib.sha256()

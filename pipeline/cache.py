@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -64,8 +63,7 @@ def cache_key(fingerprint: str, teacher_identity: dict) -> tuple[str, dict]:
         "preprocessing": teacher_identity["preprocessing"],
         "precision": teacher_identity["precision"],
     }
-    blob = json.dumps(fields, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:20], fields
+    return atomic.json_sha256(fields)[:20], fields
 
 
 def shard_of(image_ids: np.ndarray, caption_ids: np.ndarray, num_shards: int) -> np.ndarray:

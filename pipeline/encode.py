@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +85,14 @@ def frozen_features(
     device: torch.device | None = None,
     progress: bool = True,
     cache: str | os.PathLike | None = None,
+    keys: Sequence[str] | None = None,
 ) -> np.ndarray | None:
     """(N, F) float32 features of a frozen tower (``model.tower_features``) through the cache,
     or None when the model offers none for ``tower`` (it trains, or it is not such a model).
 
-    ``inputs`` are image paths (keyed by file bytes) or captions (keyed by text); ``to_batch``
+    ``inputs`` are image paths (keyed by the sha256 of the file's bytes: pass ``keys`` when
+    they are known, as a dataset's ``images.sha256`` column is) or captions (keyed by text);
+    ``to_batch``
     turns a list of them into the tower's input tensor (``pixel_batches(preprocess)`` or the
     tokenizer). Only what the cache (pipeline/features.py, root ``cache``) lacks is computed;
     hits and misses are logged.
@@ -101,10 +104,12 @@ def frozen_features(
     from pipeline.features import FeatureStore, file_keys, text_keys
 
     device = device or pick_device()
-    keys = file_keys(inputs) if tower == "image" else text_keys(inputs)
+    if keys is None:
+        keys = file_keys(inputs) if tower == "image" else text_keys(inputs)
     store = FeatureStore(identity, cache)
-    bar = tqdm(total=len(set(keys)), desc=f"{tower} features", unit="item", disable=not progress)
-    bar.update(sum(1 for k in set(keys) if k in store))
+    unique = set(keys)
+    bar = tqdm(total=len(unique), desc=f"{tower} features", unit="item", disable=not progress)
+    bar.update(sum(1 for k in unique if k in store))
 
     def compute(rows: list[int]) -> list[np.ndarray]:
         batch = to_batch([inputs[i] for i in rows]).to(device)
@@ -154,14 +159,15 @@ def encode_images(
     device: torch.device | None = None,
     progress: bool = True,
     cache: str | os.PathLike | None = None,
+    keys: Sequence[str] | None = None,
 ) -> np.ndarray:
     """(N, D) float32 unit-norm image embeddings, row i for ``paths[i]``.
 
-    A frozen image tower's features come from the feature cache (root ``cache``, see
-    pipeline/features.py); only the projection runs on them.
+    A frozen image tower's features come from the feature cache (root ``cache``, ``keys`` the
+    files' sha256 when known, see ``frozen_features``); only the projection runs on them.
     """
     device = device or pick_device()
-    kw = {"batch_size": batch_size, "device": device, "progress": progress}
+    kw = {"batch_size": batch_size, "device": device, "progress": progress, "keys": keys}
     feats = frozen_features(model, "image", paths, pixel_batches(preprocess), cache=cache, **kw)
     if feats is not None:
         return _embed_features(model.encode_image, feats, 4 * batch_size, device)
@@ -237,6 +243,7 @@ def encode_split(
         batch_size=batch_size,
         device=device,
         progress=progress,
+        keys=images["sha256"].to_list(),  # recorded at import: no file is hashed again
     )
     # Text batches are cheaper than image batches: four times as many fit the same time.
     cap = encode_texts(

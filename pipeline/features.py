@@ -19,7 +19,6 @@ The root is ``--feature-cache`` where a command has it, else ``$CPRD_FEATURE_CAC
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import uuid
@@ -41,11 +40,6 @@ def default_root() -> Path:
     """``$CPRD_FEATURE_CACHE`` when set, else ``~/.cache/cprd/features``."""
     env = os.environ.get(ENV_VAR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cprd" / "features"
-
-
-def tower_key(identity: dict) -> str:
-    """Hex sha256 of a tower identity (JSON with sorted keys)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def image_key(image: Image.Image) -> str:
@@ -74,7 +68,7 @@ class FeatureStore:
     def __init__(self, identity: dict, root: str | os.PathLike | None = None):
         self.identity = identity
         self.dir = Path(root).expanduser() if root else default_root()
-        self.dir = self.dir / tower_key(identity)
+        self.dir = self.dir / atomic.json_sha256(identity)
         self.hits = 0
         self.misses = 0
         self._index: dict[str, tuple[Path, int]] = {}  # key -> (part file, row in it)

@@ -24,6 +24,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from pipeline import atomic
+
 __all__ = [
     "IMAGE_PACKAGE",
     "TEXT_PACKAGE",
@@ -92,11 +94,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return atomic.file_sha256(path)
 
 
 IMAGE_PACKAGE = Package(

@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,6 +56,7 @@ from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from pipeline import towers
+from pipeline.atomic import json_sha256
 from pipeline.encode import weights_sha256
 from pipeline.towers import (
     IMAGE_PACKAGE,
@@ -206,7 +205,7 @@ def load_effnet_minilm(spec: str) -> tuple[CustomTextCLIP, dict[str, Any], dict[
         "kind": SPEC_NAME,
         "options": dataclasses.asdict(opts),
         "packages": {p.dist: dist_version(p) for p in (IMAGE_PACKAGE, TEXT_PACKAGE)},
-        "weights_sha256": hashlib.sha256(json.dumps(function, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": json_sha256(function),
         "weights_hash_of": f"{SPEC_NAME}: package weight files, embed_dim, seed, preprocessing",
     }
     return model, model_cfg, identity

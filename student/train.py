@@ -123,7 +123,8 @@ def _inputs(model, loaded, ds: Dataset, cfg: StudentTrainConfig, device, progres
     texts = ds.captions["caption"].to_list()
     kw = {"device": device, "progress": progress, "cache": cfg.feature_cache}
     pixels = pixel_batches(loaded.preprocess)
-    img = frozen_features(model, "image", paths, pixels, batch_size=cfg.batch_size, **kw)
+    keys = ds.images["sha256"].to_list()  # the files' sha256, recorded at import
+    img = frozen_features(model, "image", paths, pixels, batch_size=cfg.batch_size, keys=keys, **kw)
     txt = frozen_features(
         model, "text", texts, loaded.tokenizer, batch_size=4 * cfg.batch_size, **kw
     )
@@ -146,7 +147,7 @@ def validate(
     paths = [ds.image_path(p) for p in images["path"]]
     model.eval()
     kw = {"batch_size": batch_size, "device": device, "progress": False, "cache": cache}
-    img = encode_images(model, loaded.preprocess, paths, **kw)  # (N, D)
+    img = encode_images(model, loaded.preprocess, paths, keys=images["sha256"].to_list(), **kw)
     cap = encode_texts(model, loaded.tokenizer, captions["caption"].to_list(), **kw)  # (M, D)
     model.train()
     row_of = {i: r for r, i in enumerate(images["image_id"].to_list())}

@@ -25,7 +25,6 @@ packages' versions and hashes), ``model.safetensors`` (the head only), ``train_c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import features
+from pipeline.atomic import json_sha256
 from pipeline.encode import autocast, pick_device
 from pipeline.towers import IMAGE_PACKAGE, TEXT_PACKAGE, dist_version, file_sha256
 from teacher.effnet_minilm_towers import (
@@ -351,7 +351,7 @@ def load_effnet_minilm(spec: str, device: str | torch.device | None = None) -> E
     identity = {
         "spec": spec,
         "kind": KIND,
-        "weights_sha256": hashlib.sha256(json.dumps(function, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": json_sha256(function),
         "weights_hash_of": f"{MODEL_FILE} and {TEACHER_JSON} (architecture, tower hashes)",
         "preprocessing": {
             "image_size": [IMAGE_SIZE, IMAGE_SIZE],
