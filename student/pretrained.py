@@ -50,14 +50,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from pipeline import towers
 from pipeline.atomic import json_sha256
-from pipeline.encode import weights_sha256
 from pipeline.towers import (
     IMAGE_PACKAGE,
     TEXT_PACKAGE,
@@ -69,9 +67,11 @@ from pipeline.towers import (
     map_efficientnet_lite0,
     text_files_sha256,
 )
+from student.towers_clip import BUILDER_VERSION, CONTEXT_LENGTH, SPEC_NAME, PretrainedTowersCLIP
 
 __all__ = [
     "CFG_KEY",
+    "CONTEXT_LENGTH",
     "SPEC_NAME",
     "EffnetMiniLMConfig",
     "MissingPackageError",
@@ -86,10 +86,7 @@ __all__ = [
     "rebuild_saved",
 ]
 
-SPEC_NAME = "effnet-minilm"
 CFG_KEY = "cprd_pretrained"  # the model_cfg entry that marks a model built here
-BUILDER_VERSION = 1  # bump when the architecture or the head init changes: identities then differ
-CONTEXT_LENGTH = 40  # MiniLM tokens; Flickr8k's longest caption has 38, longer ones are truncated
 IMAGE_SIZE = 224
 IMAGE_LAYERS = 18  # stem, 16 MBConv blocks, head conv (see _layers)
 TEXT_LAYERS = 7  # embeddings, 6 transformer layers
@@ -239,90 +236,6 @@ def rebuild_saved(
         cfg["text_cfg"]["hf_model_name"] = str(text_dir)
     base = PreprocessCfg(size=IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return _build(cfg, merge_preprocess_dict(base, dict(preprocess_cfg or {}))), cfg
-
-
-class PretrainedTowersCLIP(CustomTextCLIP):
-    """open_clip's ``CustomTextCLIP`` with the same modules and state dict, and three differences.
-
-    Frozen layers stay in eval mode under ``train()``, so BatchNorm statistics and dropout never
-    change what they compute. ``encode_text`` drops the token columns that are padding in every
-    row before the text tower (the tokenizer pads to ``CONTEXT_LENGTH``; most captions are half
-    as long): the attention and the pooling mask padding, so the result is the same.
-
-    A frozen tower's output can be computed once and cached (pipeline/features.py):
-    ``tower_features("image", pixels)`` is the image trunk's pooled output (N, 1280) and
-    ``tower_features("text", tokens)`` the MiniLM tower's mean-pooled states (N, 384), both taken
-    before the trainable projection; ``encode_image`` and ``encode_text`` accept such a floating
-    (N, F) tensor in place of pixels or token ids. ``feature_identity(tower)`` says what the
-    tower computes (the cache key), or None while it has trainable weights.
-    """
-
-    frozen_modules: tuple[str, ...] = ()  # names of the submodules held in eval mode
-    pad_id: int = 0  # the BERT tokenizer's [PAD]
-
-    def train(self, mode: bool = True) -> PretrainedTowersCLIP:
-        super().train(mode)
-        for name in self.frozen_modules:
-            self.get_submodule(name).eval()
-        return self
-
-    def _trim(self, text: torch.Tensor) -> torch.Tensor:
-        used = (text != self.pad_id).any(dim=0)  # (L,)
-        if used.any():
-            text = text[:, : int(used.nonzero().max()) + 1]  # (N, L') with L' <= L
-        return text
-
-    def _tower(self, tower: str) -> torch.nn.Module | None:
-        if tower == "image":
-            return self.visual.trunk
-        if tower == "text":  # only the pretrained MiniLM tower has a projection-free output
-            return self.text.transformer if hasattr(self.text, "pooler") else None
-        raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
-
-    def feature_identity(self, tower: str) -> dict[str, Any] | None:
-        """What ``tower_features(tower, ...)`` computes, or None when it is not a fixed function."""
-        module = self._tower(tower)
-        if module is None or any(p.requires_grad for p in module.parameters()):
-            return None
-        identity = {
-            "model": SPEC_NAME,
-            "builder": BUILDER_VERSION,
-            "tower": tower,
-            "weights_sha256": weights_sha256(module),
-        }
-        if tower == "image":
-            identity["preprocess"] = dict(self.visual.preprocess_cfg)
-            identity["output"] = "timm efficientnet_lite0 trunk, global average pool"
-        else:
-            identity["context_length"] = CONTEXT_LENGTH
-            identity["output"] = "MiniLM last hidden state, mean over non-padding tokens"
-        return identity
-
-    def tower_features(self, tower: str, inputs: torch.Tensor) -> torch.Tensor:
-        """(N, F) output of a tower before its projection: pixels (N, 3, H, W) or tokens (N, L)."""
-        if tower == "image":
-            return self.visual.trunk(inputs)
-        if self._tower("text") is None:
-            raise ValueError("this text tower trains from scratch: it has no fixed features")
-        tokens = self._trim(inputs)
-        mask = (tokens != self.pad_id).long()
-        return self.text.pooler(self.text.transformer(input_ids=tokens, attention_mask=mask), mask)
-
-    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        if image.ndim == 2:  # (N, F) trunk features
-            features = self.visual.head(image)
-        else:
-            features = self.visual(image)
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        if text.is_floating_point():  # (N, F) tower features
-            features = self.text.proj(text)
-        elif hasattr(self.text, "pooler"):  # MiniLM: masks padding, so it can be trimmed
-            features = self.text(self._trim(text))
-        else:  # open_clip's text transformer: its causal mask wants the full context length
-            features = self.text(text)
-        return F.normalize(features, dim=-1) if normalize else features
 
 
 def package_path(pkg: Package) -> Path:
