@@ -1,10 +1,12 @@
 """The loss of one training step: ITC over the batch's pairs plus a distillation term over each
-query's cached hard negatives that the step encoded (DESIGN 5).
+query's cached hard negatives that the step holds (DESIGN 5).
 
-Shape letters: B pairs, Pi / Pc images / captions encoded (the pairs first, then explicit extras),
-K hard negatives per query. ``sim`` (Pi, Pc) holds cosine similarities; pair r is (image r,
-caption r), each image holds one caption, so ITC's positives are the diagonal of sim[:B, :B].
-Extras (explicit mode) serve only the distillation term.
+Shape letters: B pairs, Pi / Pc images / captions of the step's pools (the pairs first, then the
+extras: the queries' cached hard negatives, encoded or read from the negative bank), K hard
+negatives per query. ``sim`` (Pi, Pc) holds cosine similarities; pair r is (image r, caption r).
+ITC anchors on the B pairs; with ``positive`` (Pi, Pc) given (``--itc-negatives pool``) every
+extra is a negative in its denominators too (an extra that belongs to an anchor is a positive),
+otherwise ITC runs on sim[:B, :B] and the extras serve only the distillation term.
 
 Distillation, per direction (image queries over captions, caption queries over images):
 - ``cprd``: the query's in-step hard negatives in teacher order, J valid anchors by the rule;
@@ -55,10 +57,14 @@ def step_loss(
     lists: tuple[QueryLists, QueryLists] | None,
     pos_score: np.ndarray | None,
     st: DistillSettings,
+    positive: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """{"itc", "distill" (unless loss is none), "total"} for one step (module docstring)."""
     b = num_pairs
-    itc = itc_loss(sim[:b, :b], logit_scale)
+    if positive is None:
+        itc = itc_loss(sim[:b, :b], logit_scale)
+    else:
+        itc = itc_loss(sim, logit_scale, positive, anchors=b)
     if st.loss == "none":
         return combine(itc, None, st.lam)
     # A detached tau: the distillation term must not move the temperature ITC learns.
@@ -111,3 +117,63 @@ def _direction(
     if st.loss == "margin-mse":
         return margin_mse_loss(s1, t1, m1, student_scale=scale)
     raise ValueError(f"unknown distillation loss {st.loss!r}")
+
+
+def pool_positive(image_pool: np.ndarray, caption_pool: np.ndarray, owner: np.ndarray) -> Tensor:
+    """(Pi, Pc) bool: caption c of the pool describes image i of the pool (``owner`` (M,) is every
+    caption's image id)."""
+    return torch.from_numpy(owner[caption_pool][None, :] == image_pool[:, None])
+
+
+class Delivery:
+    """What the distillation inputs actually held, summed over steps (DESIGN 5: "a default that
+    uses fewer than about 0.9 K is a bug"), per direction: queries, negatives used (in the loss)
+    and available (cached, up to hard_k), the smallest per-query share used, and queries left out
+    of a positive-column loss (kl, listmle, margin-mse) because the teacher never scored their
+    positive pair. Plain numbers only, so it rides in the checkpoint."""
+
+    DIRECTIONS = ("i2t", "t2i")
+
+    def __init__(self, state: dict | None = None):
+        blank = {"queries": 0, "used": 0, "available": 0, "min_share": 1.0, "no_positive": 0}
+        self.state = state or {d: dict(blank) for d in self.DIRECTIONS}
+
+    def add(self, lists: tuple[QueryLists, QueryLists], pos_score: np.ndarray) -> None:
+        """Count one step's lists (image queries, caption queries) and positive scores (B,)."""
+        no_pos = int((~np.isfinite(pos_score)).sum())
+        for d, ql in zip(self.DIRECTIONS, lists, strict=True):
+            used, avail = ql.present, ql.cached
+            acc = self.state[d]
+            acc["queries"] += len(used)
+            acc["used"] += int(used.sum())
+            acc["available"] += int(avail.sum())
+            has = avail > 0
+            if has.any():
+                share = float((used[has] / avail[has]).min())
+                acc["min_share"] = min(acc["min_share"], share)
+            acc["no_positive"] += no_pos
+
+    def merged(self, other: Delivery) -> Delivery:
+        """The sum of two runs' counts (an epoch added to a run)."""
+        out = {}
+        for d in self.DIRECTIONS:
+            a, b = self.state[d], other.state[d]
+            out[d] = {k: a[k] + b[k] for k in ("queries", "used", "available", "no_positive")}
+            out[d]["min_share"] = min(a["min_share"], b["min_share"])
+        return Delivery(out)
+
+    def summary(self) -> dict | None:
+        """{"i2t": {"used": mean, "available": mean, "min_share", "no_positive"}, "t2i": ...},
+        or None before any query was counted."""
+        if not self.state["i2t"]["queries"]:
+            return None
+        out = {}
+        for d in self.DIRECTIONS:
+            a = self.state[d]
+            out[d] = {
+                "used": a["used"] / a["queries"],
+                "available": a["available"] / a["queries"],
+                "min_share": a["min_share"],
+                "no_positive": a["no_positive"],
+            }
+        return out

@@ -33,7 +33,8 @@ def fresh_state() -> dict:
         "train_seconds": 0.0,  # wall time in training epochs, summed over resumes
         "final_val": None,  # the latest validation metrics
         "best": {"epoch": None, "rsum": -math.inf, "metrics": None},  # by val RSUM
-        "hard_negatives": {"sum": 0.0, "queries": 0},  # cached negatives present, summed
+        "delivery": None,  # what the losses received, summed (student.batch_loss.Delivery)
+        "staleness": None,  # negative bank reads: {"mean", "max", "reads"} in steps
     }
 
 

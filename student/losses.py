@@ -91,7 +91,13 @@ def _suffix_terms(logits: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, suffix - masked, torch.zeros_like(logits))  # (Q, K)
 
 
-def itc_loss(sim: Tensor, logit_scale: float | Tensor, positive: Tensor | None = None) -> Tensor:
+def itc_loss(
+    sim: Tensor,
+    logit_scale: float | Tensor,
+    positive: Tensor | None = None,
+    *,
+    anchors: int | None = None,
+) -> Tensor:
     """L = 1/2 [mean_i (lse_t l_it - lse_{t in P(i)} l_it) + mean_t (lse_i - lse_{i in P(t)})].
 
     The text->image half uses the same l_it, with images and captions swapped. l = logit_scale *
@@ -102,7 +108,9 @@ def itc_loss(sim: Tensor, logit_scale: float | Tensor, positive: Tensor | None =
     per row and column it is CLIP's symmetric cross-entropy. ``positive`` (I, T) bool; None means
     the identity (sim square, caption t belongs to image t). A row or column with no positive (a
     negative-only image or caption) is not an anchor but still serves as a negative for the other
-    direction; ValueError when a direction has no anchor at all.
+    direction; ValueError when a direction has no anchor at all. ``anchors`` = A makes only the
+    first A rows and first A columns anchors (the step's pairs); later rows and columns are extra
+    items that serve as negatives (or as further positives of an anchor they belong to).
     """
     if sim.dim() != 2:
         raise ValueError(f"sim must be 2-D (images, captions); got shape {tuple(sim.shape)}")
@@ -120,10 +128,16 @@ def itc_loss(sim: Tensor, logit_scale: float | Tensor, positive: Tensor | None =
             f"{positive.dtype} {tuple(positive.shape)}: True where caption t "
             "describes image i"
         )
+    if anchors is not None and not 1 <= anchors <= min(sim.shape):
+        raise ValueError(
+            f"anchors must lie in 1..{min(sim.shape)} (the pairs come first); got {anchors}"
+        )
     logits = logit_scale * sim  # (I, T)
     losses = []
     for lg, pos in ((logits, positive), (logits.t(), positive.t())):  # image->text, text->image
         anchor = pos.any(dim=1)  # (rows,)
+        if anchors is not None:
+            anchor = anchor & (torch.arange(len(anchor), device=anchor.device) < anchors)
         if not bool(anchor.any()):
             raise ValueError(
                 "positive has no True entry: every image needs at least one of its "

@@ -14,9 +14,15 @@ extra, a hard epoch has about (1 + neighbours_per_seed) times as many steps as a
 **Random batching**: a random permutation cut into chunks of batch_size (the last topped up).
 Batching is independent of the loss: ITC on hard batches is the `student-itc-hard` control.
 
-**Explicit negatives** (``negatives="explicit"``): each batch also lists the cached hard negatives
-of its queries that are not already in it; the trainer encodes them as extra images/captions (extra
-forward passes) so every query sees all of its top-``hard_k`` cached negatives.
+**Neighbour order** (``neighbours``, a lookup of its own): the queues follow the lookup they are
+built from: the miner's candidates (``--batching-order miner``, no teacher involved) or the teacher
+cache (``teacher``). The negatives a loss receives always come from ``lookup``.
+
+**Delivered negatives** (``negatives="explicit"`` or ``"bank"``): each batch also lists the cached
+hard negatives of its queries that are not already in it, as extra images/captions, so every query
+sees all of its top-``hard_k`` cached negatives. The trainer encodes the extras (explicit: extra
+forward passes) or reads them from its negative bank (student/bank.py). ``"inbatch"`` lists none:
+a query sees only the negatives the batch happens to hold.
 
 Everything is drawn from ``numpy.random.default_rng((seed, epoch))``: the same (seed, epoch) gives
 the same batches on every rank, and after a resume. Shape letters: B pairs, K negatives.
@@ -36,13 +42,14 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's pairs, the seeds it was built from, and (explicit mode) extra items to encode."""
+    """One step's pairs, the seeds it was built from, and (explicit / bank) its queries' cached
+    hard negatives that it does not hold (the extras)."""
 
     images: np.ndarray  # (B,) int64 image ids; pair r is (images[r], captions[r])
     captions: np.ndarray  # (B,) int64 caption ids, one caption of each image
     seeds: np.ndarray  # (S,) int64 the training images this batch seeds
-    extra_images: np.ndarray = field(default_factory=lambda: _EMPTY)  # (Ei,) explicit mode only
-    extra_captions: np.ndarray = field(default_factory=lambda: _EMPTY)  # (Ec,) explicit mode only
+    extra_images: np.ndarray = field(default_factory=lambda: _EMPTY)  # (Ei,) explicit / bank
+    extra_captions: np.ndarray = field(default_factory=lambda: _EMPTY)  # (Ec,) explicit / bank
 
     @property
     def image_pool(self) -> np.ndarray:
@@ -66,15 +73,18 @@ class BatchPlanner:
         *,
         batching: str = "hard",
         lookup: TeacherLookup | None = None,
+        neighbours: TeacherLookup | None = None,
         neighbours_per_seed: int = 3,
         negatives: str = "inbatch",
         seed: int = 0,
     ):
-        if batching == "hard" and lookup is None:
+        neighbours = neighbours if neighbours is not None else lookup
+        if batching == "hard" and neighbours is None:
             raise ValueError("hard batching needs candidate lists (a teacher cache or candidates)")
-        if negatives == "explicit" and lookup is None:
-            raise ValueError("explicit negatives need a teacher cache")
+        if negatives in ("explicit", "bank") and lookup is None:
+            raise ValueError(f"{negatives} negatives need hard-negative lists (cache, candidates)")
         self.lookup, self.batching, self.negatives, self.seed = lookup, batching, negatives, seed
+        self.order = neighbours  # the lookup whose order the neighbour queues follow
         self.neighbours = neighbours_per_seed
         owner = np.asarray(caption_owner, dtype=np.int64)
         num_images = max(int(owner.max(initial=-1)), int(np.max(train_image_ids, initial=-1))) + 1
@@ -90,6 +100,11 @@ class BatchPlanner:
         self.seeds_per_batch = max(1, self.batch_size // per)
 
     @property
+    def train_captions(self) -> np.ndarray:
+        """(Mt,) int64 every caption of the training images, by id."""
+        return np.flatnonzero(np.isin(self._owner, self.images))
+
+    @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.images) / self.seeds_per_batch)
 
@@ -102,7 +117,7 @@ class BatchPlanner:
             seeds = order[start : start + self.seeds_per_batch]
             images, captions = self._fill(seeds, rng)
             batch = Batch(np.array(images), np.array(captions), seeds)
-            batches.append(self._with_extras(batch) if self.negatives == "explicit" else batch)
+            batches.append(self._with_extras(batch) if self.negatives != "inbatch" else batch)
         return batches
 
     def _random_captions(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -143,9 +158,10 @@ class BatchPlanner:
         return images, captions
 
     def _neighbours(self, image: int, caption: int) -> tuple[list[int], list[int]]:
-        """(images, captions; -1 = any caption) near a seed pair, by teacher score, best first."""
-        caps, cap_score, _ = self.lookup.i2t.of(image)
-        imgs, img_score, _ = self.lookup.t2i.of(caption)
+        """(images, captions; -1 = any caption) near a seed pair, by the order lookup's score (the
+        teacher's or the miner's), best first."""
+        caps, cap_score, _ = self.order.i2t.of(image)
+        imgs, img_score, _ = self.order.t2i.of(caption)
         ok = self._ncap[imgs] > 0  # an image without captions cannot join a batch
         imgs, img_score = imgs[ok], img_score[ok]
         nb_img = np.concatenate([self._owner[caps], imgs])
@@ -175,11 +191,12 @@ class QueryLists:
     score: np.ndarray  # (B, K) float32 teacher score, sorted desc per row; 0 at padding
     prob: np.ndarray  # (B, K) float32 teacher match probability; 0 at padding
     mask: np.ndarray  # (B, K) bool, True for a real negative, False for padding
-    cached: np.ndarray  # (B,) int64 cached hard negatives of the query (present or not)
+    cached: np.ndarray  # (B,) int64 cached hard negatives of the query, up to hard_k (present
+    # or not): what the query could receive
 
     @property
     def present(self) -> np.ndarray:
-        """(B,) how many of the query's cached hard negatives the step holds."""
+        """(B,) how many of the query's cached hard negatives the step holds (what it receives)."""
         return self.mask.sum(axis=1)
 
 

@@ -45,7 +45,8 @@ from pipeline.encode import (
 )
 from pipeline.evaluate import ranks_from_embeddings
 from pipeline.metrics import retrieval_metrics_from_ranks
-from student.batch_loss import DistillSettings, step_loss
+from student.bank import NegativeBank
+from student.batch_loss import Delivery, DistillSettings, pool_positive, step_loss
 from student.checkpoint import METRICS, save_last, start
 from student.distributed import (
     barrier,
@@ -117,8 +118,9 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _inputs(model, loaded, ds: Dataset, cfg: StudentTrainConfig, device, progress: bool):
-    """(image dataset, caption encoder) a step feeds the model: pixels and token ids, or a frozen
-    tower's cached features (pipeline/features.py), computed here once for the whole run."""
+    """(image dataset, caption encoder, frozen) a step feeds the model: pixels and token ids, or a
+    frozen tower's cached features (pipeline/features.py), computed here once for the whole run;
+    ``frozen`` says per modality ("image", "caption") which of the two it is."""
     paths = [ds.image_path(p) for p in ds.images["path"].to_list()]
     texts = ds.captions["caption"].to_list()
     kw = {"device": device, "progress": progress, "cache": cfg.feature_cache}
@@ -135,7 +137,45 @@ def _inputs(model, loaded, ds: Dataset, cfg: StudentTrainConfig, device, progres
             return loaded.tokenizer([texts[c] for c in ids])  # (Pc, L)
         return torch.from_numpy(txt[np.asarray(ids, dtype=np.int64)])  # (Pc, F)
 
-    return images, captions
+    return images, captions, {"image": img is not None, "caption": txt is not None}
+
+
+def _make_bank(model, loaded, ds: Dataset, cfg: StudentTrainConfig, live: dict, device):
+    """The negative bank for the modalities whose extras are not encoded live (None if none)."""
+    if cfg.negatives != "bank" or all(live.values()):
+        return None
+    sizes = {"image": ds.images.height, "caption": ds.captions.height}
+    return NegativeBank(sizes, int(loaded.model_cfg["embed_dim"]), device)
+
+
+@torch.no_grad()
+def _refresh_bank(bank, model, pixels, caption_inputs, planner, live, device, step: int) -> None:
+    """Re-encode every training image and caption the bank serves (eval mode: no dropout, no
+    batch-norm statistics moved), so its rows are at most one refresh interval stale."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device):
+            if not live["image"]:
+                bank.refresh(
+                    "image",
+                    planner.images,
+                    lambda ids: model.encode_image(
+                        torch.stack([pixels[i] for i in ids.tolist()]).to(device), normalize=True
+                    ),
+                    planner.batch_size,
+                    step,
+                )
+            if not live["caption"]:
+                bank.refresh(
+                    "caption",
+                    planner.train_captions,
+                    lambda ids: model.encode_text(caption_inputs(ids).to(device), normalize=True),
+                    4 * planner.batch_size,
+                    step,
+                )
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -155,20 +195,32 @@ def validate(
     return retrieval_metrics_from_ranks(*ranks_from_embeddings(img, cap, owner))
 
 
-def _load_data(cfg: StudentTrainConfig) -> tuple[Dataset, TeacherLookup | None]:
-    """The dataset (val checked up front) and, when batches or losses need it, the lookup."""
+def _load_data(
+    cfg: StudentTrainConfig,
+) -> tuple[Dataset, TeacherLookup | None, TeacherLookup | None]:
+    """The dataset (val checked up front), the lists the losses receive (the teacher cache, else
+    the miner's candidates; None when there are neither) and the lists hard batching orders its
+    neighbours by (``cfg.order()``: the miner's or the teacher's; None for random batches)."""
     ds = Dataset.load(cfg.data)
     ds.split("val")  # fail now, not after the first epoch, when there is nothing to validate on
-    if cfg.teacher_scores is None and (cfg.candidates is None or cfg.batching == "random"):
-        return ds, None
-    lookup = load_lookup(
-        ds,
-        cfg.hard_k,
-        teacher_scores=cfg.teacher_scores,
-        candidates=None if cfg.teacher_scores else cfg.candidates,
-    )
-    log.info("hard-negative lists: %s", json.dumps(lookup.summary()))
-    return ds, lookup
+    lookups: dict[str, TeacherLookup] = {}
+
+    def get(source: str) -> TeacherLookup:
+        if source not in lookups:
+            kw = {"teacher_scores" if source == "teacher" else "candidates": getattr(
+                cfg, "teacher_scores" if source == "teacher" else "candidates"
+            )}
+            lookups[source] = load_lookup(ds, cfg.hard_k, **kw)
+            log.info("%s hard-negative lists: %s", source, json.dumps(lookups[source].summary()))
+        return lookups[source]
+
+    lists = None
+    if cfg.teacher_scores is not None:
+        lists = get("teacher")
+    elif cfg.candidates is not None:
+        lists = get("miner")
+    order = get(cfg.order()) if cfg.order() is not None else None
+    return ds, lists, order
 
 
 def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
@@ -178,16 +230,19 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
     try:
         check_config(cfg)
         barrier(env)  # every rank has checked --out before rank 0 creates it
-        ds, lookup = _load_data(cfg)
+        ds, lookup, order = _load_data(cfg)
+        owner = ds.captions["image_id"].to_numpy()
+        negatives = cfg.negatives if lookup is not None else "inbatch"  # no lists: nothing to add
         planner = BatchPlanner(
             ds.split("train")[0]["image_id"].to_numpy(),
-            ds.captions["image_id"].to_numpy(),
+            owner,
             cfg.batch_size,
             batching=cfg.batching,
             lookup=lookup,
+            neighbours=order,
             seed=cfg.seed,
             neighbours_per_seed=cfg.neighbours_per_seed,
-            negatives=cfg.negatives,
+            negatives=negatives,
         )
         if planner.batch_size < max(2, env.world):
             raise ValueError(
@@ -206,45 +261,78 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
         total_steps = cfg.epochs * planner.steps_per_epoch
         top, min_prob = cfg.valid_rule()
         settings = DistillSettings(cfg.loss, cfg.lam, cfg.tau, cfg.tau_teacher, top, min_prob)
-        pixels, caption_inputs = _inputs(model, loaded, ds, cfg, env.device, progress and env.main)
+        pixels, caption_inputs, frozen = _inputs(
+            model, loaded, ds, cfg, env.device, progress and env.main
+        )
+        # A modality's extras are encoded in the step when asked (explicit) or when its tower is
+        # frozen (only the heads run: cheap and exact); otherwise they come from the bank.
+        live = {m: negatives != "bank" or frozen[m] for m in ("image", "caption")}
+        bank = _make_bank(model, loaded, ds, cfg, live, env.device)
         workers = cfg.num_workers if isinstance(pixels, _Pixels) else 0
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         t_start = time.time()
 
         for epoch in range(state["epoch"], stop):
             batches = planner.epoch(epoch)  # the same on every rank and after a resume
+            # what each step encodes: its pairs, plus its extras where they are encoded live
+            encoded = [
+                (
+                    b.image_pool if live["image"] else b.images,
+                    b.caption_pool if live["caption"] else b.captions,
+                )
+                for b in batches
+            ]
             loader = torch.utils.data.DataLoader(
                 pixels,
-                batch_sampler=[my_slice(b.image_pool, env).tolist() for b in batches],
+                batch_sampler=[my_slice(im, env).tolist() for im, _ in encoded],
                 num_workers=workers,
                 pin_memory=env.device.type == "cuda",
             )
-            sums, hn_sum, hn_n = {}, 0.0, 0
+            sums, delivery, stale = {}, Delivery(), []
             bar = tqdm(
                 total=len(batches),
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 unit="step",
                 disable=not (progress and env.main),
             )
-            for batch, px in zip(batches, loader, strict=True):
+            for batch, px, (img_ids, cap_ids) in zip(batches, loader, encoded, strict=True):
                 # lr: set by hand every step from the step count, so a resume continues it exactly
                 lr = lr_at(state["step"], cfg, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                # the bank: every row re-encoded at each epoch start (so a resume is exact) and
+                # every --bank-refresh steps
+                every = cfg.bank_refresh
+                if bank is not None and (
+                    batch is batches[0] or (every and state["step"] % every == 0)
+                ):
+                    _refresh_bank(
+                        bank, model, pixels, caption_inputs, planner, live, env.device,
+                        state["step"],
+                    )
 
                 # forward: this rank's share of the step's images and captions, then the gather
                 # puts the whole batch on every rank (in-batch negatives may sit on any rank)
-                tokens = caption_inputs(my_slice(batch.caption_pool, env))
+                tokens = caption_inputs(my_slice(cap_ids, env))
                 with autocast(env.device):
                     img, txt, scale = ddp(px.to(env.device), tokens.to(env.device))[:3]
-                img = gather_rows(img.float(), len(batch.image_pool), env)  # (Pi, D)
-                txt = gather_rows(txt.float(), len(batch.caption_pool), env)  # (Pc, D)
+                img = gather_rows(img.float(), len(img_ids), env)  # (B or Pi, D)
+                txt = gather_rows(txt.float(), len(cap_ids), env)  # (B or Pc, D)
+                if bank is not None:  # extras not encoded live: read them (no gradient)
+                    img, txt = _with_bank_extras(bank, batch, img, txt, live, state["step"], stale)
                 sim = img @ txt.t()  # (Pi, Pc)
 
-                # loss: ITC over the pairs + λ * distillation over the cached negatives present
+                # loss: ITC over the pairs (and the extras: --itc-negatives pool) + λ *
+                # distillation over each query's cached negatives in the pools
                 lists = batch_lists(lookup, batch) if lookup is not None else None
                 pos = lookup.pos_score[batch.captions] if lookup is not None else None
-                terms = step_loss(sim, scale.float(), len(batch.images), lists, pos, settings)
+                positive = None
+                if cfg.itc_negatives == "pool" and len(sim) + sim.shape[1] > 2 * len(batch.images):
+                    positive = pool_positive(batch.image_pool, batch.caption_pool, owner)
+                    positive = positive.to(sim.device)
+                terms = step_loss(
+                    sim, scale.float(), len(batch.images), lists, pos, settings, positive
+                )
 
                 # backward, clip, step; the temperature is clamped as in open_clip
                 optimizer.zero_grad(set_to_none=True)
@@ -256,13 +344,12 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                     model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
                 state["step"] += 1
 
-                # log: every loss term, and how many cached hard negatives the step really used
+                # log: every loss term, and what the losses really received
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if lists is not None:
-                    present = np.concatenate([lists[0].present, lists[1].present])  # (2B,)
-                    hn_sum, hn_n = hn_sum + float(present.sum()), hn_n + len(present)
+                    delivery.add(lists, pos)
                 bar.update()
                 bar.set_postfix(loss=f"{values['total']:.3f}")
                 if env.main and state["step"] % cfg.log_every == 0:
@@ -276,21 +363,28 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                             "lr": lr,
                             **values,
                             "logit_scale": float(scale.detach()),
-                            "hard_negatives_per_query": hn_sum / hn_n if hn_n else None,
+                            "negatives_per_query": delivery.summary(),
                         },
                     )
             bar.close()
             state["epoch"] = epoch + 1
-            state["hard_negatives"]["sum"] += hn_sum
-            state["hard_negatives"]["queries"] += hn_n
+            state["delivery"] = Delivery(state["delivery"]).merged(delivery).state
+            state["staleness"] = _staleness(state["staleness"], stale)
             state["train_seconds"] += time.time() - t_start
             t_start = time.time()
-            if hn_n:
+            got = delivery.summary()
+            if got is not None:
                 log.info(
-                    "epoch %d: %.2f cached hard negatives per query in the step (of up to %d kept)",
+                    "epoch %d: cached hard negatives per query used/available (of up to %d): "
+                    "i2t %.2f/%.2f, t2i %.2f/%.2f; queries without a scored positive: %d%s",
                     epoch + 1,
-                    hn_sum / hn_n,
                     cfg.hard_k,
+                    got["i2t"]["used"],
+                    got["i2t"]["available"],
+                    got["t2i"]["used"],
+                    got["t2i"]["available"],
+                    got["i2t"]["no_positive"],
+                    f"; bank staleness {_staleness(None, stale)}" if stale else "",
                 )
 
             # eval and checkpoint (rank 0): the best epoch by val RSUM becomes the model in out
@@ -307,7 +401,8 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                             "step": state["step"],
                             "val": val,
                             "train": {k: v / len(batches) for k, v in sums.items()},
-                            "hard_negatives_per_query": hn_sum / hn_n if hn_n else None,
+                            "negatives_per_query": got,
+                            "bank_staleness": _staleness(None, stale),
                         },
                     )
                     if val["rsum"] > state["best"]["rsum"]:
@@ -322,7 +417,6 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                 save_last(cfg, model, optimizer, state)
             barrier(env)
 
-        hn = state["hard_negatives"]
         return {
             "out": str(cfg.out),
             "steps": state["step"],
@@ -331,12 +425,45 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
             "best_epoch": state["best"]["epoch"],
             "best_val": state["best"]["metrics"],
             "final_val": state["final_val"],
-            "hard_negatives_per_query": hn["sum"] / hn["queries"] if hn["queries"] else None,
+            "negatives": negatives,
+            "batching_order": cfg.order(),
+            "negatives_per_query": Delivery(state["delivery"]).summary(),
+            "bank_staleness": state["staleness"] if bank is not None else None,
             "lookup": lookup.summary() if lookup is not None else None,
             "train_seconds": round(state["train_seconds"], 2),
         }
     finally:
         close_distributed(env)
+
+
+def _with_bank_extras(bank, batch, img, txt, live: dict, step: int, stale: list):
+    """(image pool, caption pool) embeddings: the step's encoded rows plus the extras read from
+    the bank (their staleness appended to ``stale``); the pairs' fresh rows go into the bank."""
+    parts = {"image": img, "caption": txt}
+    for m, pairs, extras in (
+        ("image", batch.images, batch.extra_images),
+        ("caption", batch.captions, batch.extra_captions),
+    ):
+        if live[m]:
+            continue
+        if len(extras):
+            rows, age = bank.read(m, extras, step)
+            parts[m] = torch.cat([parts[m], rows])
+            stale.append(age)
+        bank.write(m, pairs, parts[m][: len(pairs)], step)
+    return parts["image"], parts["caption"]
+
+
+def _staleness(before: dict | None, ages: list[np.ndarray]) -> dict | None:
+    """{"mean", "max", "reads"} of the bank rows read, in steps since written, merged into
+    ``before``."""
+    n = sum(len(a) for a in ages)
+    total = float(sum(a.sum() for a in ages))
+    worst = max((int(a.max()) for a in ages if len(a)), default=0)
+    if before:
+        n, total = n + before["reads"], total + before["mean"] * before["reads"]
+        worst = max(worst, before["max"])
+    return {"mean": total / n, "max": worst, "reads": n} if n else before
 
 
 def _record(out: Path, state: dict, record: dict) -> None:

@@ -38,8 +38,15 @@ class StudentTrainConfig:
     hard_k: int = 16  # cached hard negatives kept per query, in teacher order
     valid_top: int | None = None  # CPRD: the first J negatives are anchors (neither flag: 4)
     valid_min_prob: float | None = None  # CPRD: negatives with teacher match prob >= this
-    negatives: str = "inbatch"  # inbatch: those the batch holds; explicit: encode top hard_k too
+    negatives: str = "bank"  # how each query's top hard_k cached negatives reach its loss: bank
+    # (read from the negative bank, student/bank.py), explicit (encoded in the step), inbatch
+    # (only those the batch happens to hold)
+    bank_refresh: int = 0  # bank: also re-encode every bank row every N steps (0: each epoch only)
+    itc_negatives: str = "pool"  # pool: ITC's denominators hold the delivered negatives too;
+    # batch: ITC over the pairs only
     batching: str = "hard"  # hard: seeds plus their cached neighbours; random: random pairs
+    batching_order: str | None = None  # hard batching's neighbour order: miner (--candidates'
+    # scores, no teacher) or teacher (--teacher-scores); None: teacher when given, else miner
     neighbours_per_seed: int = 3  # hard batching: about this many neighbour pairs per seed
     seed: int = 0  # model init (tiny) and batch order
     device: str | None = None  # None: CUDA when present, else CPU
@@ -51,6 +58,14 @@ class StudentTrainConfig:
     resume: bool = False  # continue from out/last.pt
     overwrite: bool = False  # replace an existing out dir
     stop_after: int | None = None  # end this run after this many epochs (time-boxed jobs)
+
+    def order(self) -> str | None:
+        """The neighbour order hard batching uses (None for random batching)."""
+        if self.batching != "hard":
+            return None
+        if self.batching_order is not None:
+            return self.batching_order
+        return "teacher" if self.teacher_scores is not None else "miner"
 
     def valid_rule(self) -> tuple[int | None, float | None]:
         """(top, min_prob) for num_valid_from_rule: exactly one set."""
@@ -105,12 +120,21 @@ def check_config(cfg: StudentTrainConfig) -> None:
         "--valid-top and --valid-min-prob are two validity rules; give at most one",
     )
     _need(
-        cfg.negatives in ("inbatch", "explicit"),
-        f"--negatives must be inbatch or explicit, got '{cfg.negatives}'",
+        cfg.negatives in ("bank", "explicit", "inbatch"),
+        f"--negatives must be bank, explicit or inbatch, got '{cfg.negatives}'",
+    )
+    _need(cfg.bank_refresh >= 0, f"--bank-refresh must be >= 0, got {cfg.bank_refresh}")
+    _need(
+        cfg.itc_negatives in ("pool", "batch"),
+        f"--itc-negatives must be pool or batch, got '{cfg.itc_negatives}'",
     )
     _need(
         cfg.batching in ("hard", "random"),
         f"--batching must be hard or random, got '{cfg.batching}'",
+    )
+    _need(
+        cfg.batching_order in (None, "miner", "teacher"),
+        f"--batching-order must be miner or teacher, got '{cfg.batching_order}'",
     )
     _need(
         cfg.loss == "none" or cfg.teacher_scores is not None,
@@ -118,15 +142,21 @@ def check_config(cfg: StudentTrainConfig) -> None:
         "use --loss none for the ITC baseline",
     )
     _need(
-        cfg.loss != "none" or cfg.negatives == "inbatch",
-        "--negatives explicit only feeds a distillation term; give a --loss other than none",
-    )
-    _need(
         cfg.batching == "random" or cfg.teacher_scores is not None or cfg.candidates is not None,
         "--batching hard needs neighbour lists: pass --teacher-scores (a teacher cache) or "
         "--candidates (a `cprd mine-candidates` dir), or use --batching random",
     )
     _need(p is None or cfg.teacher_scores is not None, "--valid-min-prob needs --teacher-scores")
+    _need(
+        cfg.order() != "miner" or cfg.candidates is not None,
+        "--batching-order miner needs --candidates DIR (the `cprd mine-candidates` output the "
+        "cache was scored from); or use --batching-order teacher",
+    )
+    _need(
+        cfg.order() != "teacher" or cfg.teacher_scores is not None,
+        "--batching-order teacher needs --teacher-scores PATH; use --batching-order miner with "
+        "--candidates for a teacher-free run",
+    )
     _need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
     out = Path(cfg.out)
     _need(

@@ -263,7 +263,8 @@ RUNS = [(name, {}) for name in LOSS_NAMES if name != "none"] + [
     ("none", {"batching": "random"}),  # plain ITC: no cache at all
     ("none", {"batching": "hard"}),  # the student-itc-hard control
     ("cprd", {"negatives": "explicit", "valid_min_prob": 0.3}),
-    ("cprd", {"batching": "random"}),  # distillation from the negatives random batches hold
+    ("cprd", {"negatives": "inbatch"}),  # only the negatives the batch holds
+    ("cprd", {"batching": "random"}),  # random batches, negatives from the bank
 ]
 
 
@@ -288,10 +289,23 @@ def test_one_epoch_end_to_end(config, teacher_cache, tmp_path, loss, extra):
     assert all(("distill" in r) == (loss != "none") for r in train)
     if loss != "none":  # the teacher term was really computed, not the all-empty zero
         assert any(r["distill"] > 0 for r in train)
+    got = summary["negatives_per_query"]
     if teacher is None:
-        assert summary["hard_negatives_per_query"] is None
-    else:
-        assert summary["hard_negatives_per_query"] > 0
+        assert got is None and summary["negatives"] == "inbatch"
+        return
+    assert summary["negatives"] == extra.get("negatives", "bank")
+    for d in ("i2t", "t2i"):  # what the losses received, per direction
+        assert 0 < got[d]["used"] <= got[d]["available"] <= cfg.hard_k
+        if summary["negatives"] == "inbatch":
+            assert got[d]["used"] < 0.9 * got[d]["available"]  # why inbatch is not the default
+        else:  # DESIGN 5: every query receives its cached negatives
+            assert got[d]["used"] == got[d]["available"] and got[d]["min_share"] == 1.0
+    # the positive the cache leaves out (caption 0) is counted each time caption 0 is a pair
+    assert got["i2t"]["no_positive"] == got["t2i"]["no_positive"] >= 1
+    if summary["negatives"] == "bank":  # the micro student's towers train: the bank serves
+        assert 0 <= summary["bank_staleness"]["mean"] <= summary["bank_staleness"]["max"]
+        assert summary["bank_staleness"]["max"] < summary["steps"]
+    assert [r["negatives_per_query"] for r in val] == [got]
 
 
 def test_resume_matches_uninterrupted_run(config, teacher_cache, tmp_path):
@@ -366,7 +380,9 @@ def test_ddp_two_processes_on_cpu(config, teacher_cache, tmp_path):
         ({"valid_top": 2, "valid_min_prob": 0.5}, "--valid-top and --valid-min-prob"),
         ({"teacher_scores": None}, "--loss cprd needs --teacher-scores PATH"),
         ({"teacher_scores": None, "loss": "none"}, "--batching hard needs neighbour lists"),
-        ({"negatives": "all"}, "--negatives must be inbatch or explicit"),
+        ({"negatives": "all"}, "--negatives must be bank, explicit or inbatch"),
+        ({"batching_order": "miner"}, "--batching-order miner needs --candidates DIR"),
+        ({"bank_refresh": -1}, "--bank-refresh must be >= 0"),
     ],
 )
 def test_bad_options_name_the_flag(config, teacher_cache, tmp_path, change, match):
