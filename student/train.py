@@ -223,6 +223,24 @@ def _load_data(
     return ds, lists, order
 
 
+def make_planner(
+    cfg: StudentTrainConfig, ds: Dataset, lookup: TeacherLookup | None, order: TeacherLookup | None
+) -> BatchPlanner:
+    """The run's batches: ``lookup`` supplies each query's negatives (none without lists: then
+    nothing is delivered beyond the batch), ``order`` the hard-batching neighbour order."""
+    return BatchPlanner(
+        ds.split("train")[0]["image_id"].to_numpy(),
+        ds.captions["image_id"].to_numpy(),
+        cfg.batch_size,
+        batching=cfg.batching,
+        lookup=lookup,
+        neighbours=order,
+        seed=cfg.seed,
+        neighbours_per_seed=cfg.neighbours_per_seed,
+        negatives=cfg.negatives if lookup is not None else "inbatch",
+    )
+
+
 def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
     """Train, validate every val_every epochs, keep the best model in ``cfg.out``; return a
     summary: out, steps, epochs, best_epoch, best_val, final_val, hard negatives per query, time."""
@@ -232,18 +250,8 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
         barrier(env)  # every rank has checked --out before rank 0 creates it
         ds, lookup, order = _load_data(cfg)
         owner = ds.captions["image_id"].to_numpy()
-        negatives = cfg.negatives if lookup is not None else "inbatch"  # no lists: nothing to add
-        planner = BatchPlanner(
-            ds.split("train")[0]["image_id"].to_numpy(),
-            owner,
-            cfg.batch_size,
-            batching=cfg.batching,
-            lookup=lookup,
-            neighbours=order,
-            seed=cfg.seed,
-            neighbours_per_seed=cfg.neighbours_per_seed,
-            negatives=negatives,
-        )
+        planner = make_planner(cfg, ds, lookup, order)
+        negatives = planner.negatives
         if planner.batch_size < max(2, env.world):
             raise ValueError(
                 f"--batch-size: a batch holds {planner.batch_size} pairs (the train split has "

@@ -428,3 +428,37 @@ def test_bad_caches_are_refused(config, small_dataset, teacher_cache, tmp_path):
     with pytest.raises(ValueError, match="shard .*shard-00001.parquet' is damaged"):
         train_student(dataclasses.replace(cfg, teacher_scores=damaged), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_batching_order_miner_follows_the_candidates(
+    config, small_dataset, teacher_cache, tmp_path
+):
+    """--batching-order miner: neighbour queues in the miner's order, negatives from the teacher."""
+    ds = Dataset.load(small_dataset)
+    score = np.random.default_rng(2).normal(size=(ds.images.height, ds.captions.height))
+    cand = write_candidates_dir(ds, tmp_path / "cand", score, ds.fingerprint)
+    teacher, miner = (
+        load_lookup(ds, 4, **kw) for kw in ({"teacher_scores": teacher_cache}, {"candidates": cand})
+    )
+    owner = ds.captions["image_id"].to_numpy()
+    for order in (teacher, miner):
+        p = planner(ds, teacher, neighbours=order)
+        for image, caption in (
+            (int(owner[c]), c) for c in ds.split("train")[1]["caption_id"].to_list()
+        ):
+            caps, cs, _ = order.i2t.of(image)
+            imgs, is_, _ = order.t2i.of(caption)
+            scored = sorted(
+                [(-s, k, int(owner[c])) for k, (c, s) in enumerate(zip(caps, cs, strict=True))]
+                + [
+                    (-s, len(caps) + k, int(i))
+                    for k, (i, s) in enumerate(zip(imgs, is_, strict=True))
+                ]
+            )
+            assert p._neighbours(image, caption)[0] == [w[2] for w in scored]
+    cfg = config(
+        tmp_path / "out", teacher_scores=teacher_cache, candidates=cand, batching_order="miner"
+    )
+    summary = train_student(cfg, progress=False)
+    assert summary["batching_order"] == "miner" and summary["lookup"]["source"] == "teacher"
+    assert summary["negatives_per_query"]["t2i"]["min_share"] == 1.0
