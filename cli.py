@@ -419,9 +419,27 @@ def mine_candidates(
     "--rerank-teacher", default=None, help="Also report the top-K re-ranked by this teacher."
 )
 @click.option("--rerank-k", default=128, show_default=True, help="K re-ranked by the teacher.")
+@click.option(
+    "--teacher-scores",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="A teacher cache entry holding this split's scored candidates: also report how well the "
+    "student orders each query's candidates as the teacher does (Kendall tau, NDCG@10).",
+)
 @device_option
 @json_option
-def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_k, device, as_json):
+def evaluate_cmd(
+    data,
+    student,
+    split,
+    batch_size,
+    seed,
+    rerank_teacher,
+    rerank_k,
+    teacher_scores,
+    device,
+    as_json,
+):
     """Recall@1/5/10 both directions and RSUM (percent) of a dual encoder on one split.
 
     Flickr30K/COCO protocol: an image query is correct at K if any of its captions is in its
@@ -444,6 +462,7 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
         device=device,
         rerank_teacher=rerank_teacher,
         rerank_k=rerank_k,
+        teacher_scores=teacher_scores,
     )
     result = evaluate(cfg)
     rows = [{"name": "dual-encoder", **result["metrics"]}]
@@ -458,11 +477,19 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
         **result["metrics"],
         "rows": rows,
         "rerank": result.get("rerank_metrics"),
+        "ranking_agreement": result.get("ranking_agreement"),
     }
     if not as_json:
         from pipeline.report import table
 
         click.echo(table(rows))
+        if result.get("ranking_agreement"):
+            ra = result["ranking_agreement"]
+            click.echo(
+                "agreement with the teacher over its scored candidates: Kendall tau i2t "
+                f"{ra['i2t']['kendall_tau']:.3f}, t2i {ra['t2i']['kendall_tau']:.3f}; NDCG@10 i2t "
+                f"{ra['i2t']['ndcg@10']:.3f}, t2i {ra['t2i']['ndcg@10']:.3f}"
+            )
     _emit(summary, as_json, f"{result['images']} images, {result['captions']} captions ({split})")
 
 

@@ -27,6 +27,8 @@ class EvalConfig:
     device: str | None = None  # None: CUDA when present, else CPU
     rerank_teacher: str | None = None  # teacher spec: also report its re-ranking of the top-K
     rerank_k: int = 128  # dual-encoder candidates per query the teacher re-ranks
+    teacher_scores: Path | None = None  # a teacher cache entry of this split's candidates: also
+    # report the ranking agreement (pipeline/agreement.py)
 
 
 def ranks_from_embeddings(
@@ -74,6 +76,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         "captions": len(cap),
         "metrics": retrieval_metrics_from_ranks(i2t, t2i),
     }
+    if cfg.teacher_scores is not None:
+        result["ranking_agreement"] = _agreement(cfg, ds, images, captions, img, cap)
     if cfg.rerank_teacher:
         from pipeline.rerank import rerank_metrics
         from teacher.model import load_teacher
@@ -92,3 +96,21 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         )
         result["rerank_k"] = cfg.rerank_k
     return result
+
+
+def _agreement(cfg: EvalConfig, ds: Dataset, images, captions, img, cap) -> dict:
+    """The student's agreement with the teacher on the split's cached candidates."""
+    from pipeline.agreement import ranking_agreement
+    from pipeline.cache import load_scores
+
+    _, pairs = load_scores(Path(cfg.teacher_scores), ds.fingerprint)
+    got = ranking_agreement(
+        pairs, img, images["image_id"].to_numpy(), cap, captions["caption_id"].to_numpy()
+    )
+    if got["i2t"]["queries"] == 0 and got["t2i"]["queries"] == 0:
+        raise ValueError(
+            f"--teacher-scores '{cfg.teacher_scores}' holds no candidates of split "
+            f"'{cfg.split}'; mine that split (`cprd mine-candidates --split {cfg.split}`) and "
+            "score it into the cache with `cprd score-teacher`"
+        )
+    return got
