@@ -67,9 +67,14 @@ def run(*args: str) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
 
 
-def mine_and_score(base: Path, data: Path, teacher: Path, k: int, shards: int) -> Path:
-    """Mine ``k`` candidates into base/cand and score them into base/cache; the cache entry."""
-    result = run("mine-candidates", "--data", data, "--out", base / "cand", "--k", k)
+def mine_and_score(
+    base: Path, data: Path, teacher: Path, k: int, shards: int, split: str = "train"
+) -> Path:
+    """Mine ``k`` candidates of ``split`` into base/cand and score them into base/cache; the
+    cache entry."""
+    result = run(
+        "mine-candidates", "--data", data, "--out", base / "cand", "--k", k, "--split", split
+    )
     assert result.exit_code == 0, result.output
     result = run(
         "score-teacher",

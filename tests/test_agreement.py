@@ -89,30 +89,7 @@ def test_evaluate_reports_agreement_on_a_scored_split(small_dataset, tiny_teache
     from pipeline import cache
     from pipeline.candidates import load_embeddings
 
-    result = run(
-        "mine-candidates",
-        "--data",
-        small_dataset,
-        "--out",
-        tmp_path / "cand",
-        "--k",
-        3,
-        "--split",
-        "val",
-    )
-    assert result.exit_code == 0, result.output
-    result = run(
-        "score-teacher",
-        "--candidates",
-        tmp_path / "cand",
-        "--teacher",
-        tiny_teacher_dir,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    entry = json.loads(result.stdout.strip().splitlines()[-1])["cache_path"]
+    entry = mine_and_score(tmp_path, small_dataset, tiny_teacher_dir, 3, 2, split="val")
     result = run(
         "evaluate", "--data", small_dataset, "--split", "val", "--teacher-scores", entry, "--json"
     )
