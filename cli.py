@@ -15,6 +15,9 @@ from pathlib import Path
 
 import click
 
+from cli_serve import COMMANDS as SERVE_COMMANDS
+from cli_serve import STUDENT_HELP
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PACKAGES = ("pipeline", "teacher", "student")
 
@@ -313,12 +316,8 @@ def _dataset_summary(meta: dict) -> dict:
 
 # ---- stage 1 and evaluation ----------------------------------------------------------------------
 
-student_option = click.option(
-    "--student",
-    default="tiny",
-    show_default=True,
-    help="Model spec: tiny, an open_clip name[:pretrained tag or checkpoint], or a student dir.",
-)
+# Required: a forgotten --student once evaluated a random `tiny` model without a word.
+student_option = click.option("--student", required=True, help=STUDENT_HELP)
 device_option = click.option(
     "--device", default=None, help="torch device [default: cuda if present]."
 )
@@ -817,6 +816,11 @@ def demo(out, quick, seed, device, as_json):
     for line in summary_lines(report):
         click.echo(line)
     click.echo(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")
+
+
+# The serving commands (encode, search, export) live in cli_serve.py.
+for _command in SERVE_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

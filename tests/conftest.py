@@ -69,7 +69,7 @@ def run(*args: str) -> Result:
 
 def mine_and_score(base: Path, data: Path, teacher: Path, k: int, shards: int) -> Path:
     """Mine ``k`` candidates into base/cand and score them into base/cache; the cache entry."""
-    result = run("mine-candidates", "--data", data, "--out", base / "cand", "--k", k)
+    result = run("mine-candidates", "--student", "tiny", "--data", data, "--out", base / "cand", "--k", k)
     assert result.exit_code == 0, result.output
     result = run(
         "score-teacher",

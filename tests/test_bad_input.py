@@ -239,32 +239,32 @@ CASES = [
     # ---- mine-candidates ----
     (
         "mine: --data missing",
-        lambda w, t: ["mine-candidates", "--data", t / "none", "--out", t / "out"],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", t / "none", "--out", t / "out"],
         ["does not exist"],
     ),
     (
         "mine: a cache as --data",
-        lambda w, t: ["mine-candidates", "--data", w.cache, "--out", t / "out"],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.cache, "--out", t / "out"],
         ["a teacher cache, not a cprd dataset"],
     ),
     (
         "mine: negative --k",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", t / "out", "--k", -1],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.ds, "--out", t / "out", "--k", -1],
         ["--k", ">= 1"],
     ),
     (
         "mine: zero --batch-size",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", t / "out", "--batch-size", 0],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.ds, "--out", t / "out", "--batch-size", 0],
         ["--batch-size", ">= 1"],
     ),
     (
         "mine: unknown --split",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", t / "out", "--split", "dev"],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.ds, "--out", t / "out", "--split", "dev"],
         ["unknown split", "dev"],
     ),
     (
         "mine: unknown --index",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", t / "out", "--index", "lsh"],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.ds, "--out", t / "out", "--index", "lsh"],
         ["--index", "lsh"],
     ),
     (
@@ -281,6 +281,8 @@ CASES = [
         "mine: a dataset as --embeddings-from",
         lambda w, t: [
             "mine-candidates",
+            "--student",
+            "tiny",
             "--data",
             w.ds,
             "--out",
@@ -294,6 +296,8 @@ CASES = [
         "mine: --embeddings-from another dataset",
         lambda w, t: [
             "mine-candidates",
+            "--student",
+            "tiny",
             "--data",
             w.other,
             "--out",
@@ -305,17 +309,17 @@ CASES = [
     ),
     (
         "mine: --out exists",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", w.cand],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.ds, "--out", w.cand],
         ["already exists", "--overwrite"],
     ),
     (
         "mine: --overwrite a dataset dir",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", w.other, "--overwrite"],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.ds, "--out", w.other, "--overwrite"],
         ["--overwrite", "candidates.json", "not replacing it"],
     ),
     (
         "mine: unknown --device",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", t / "out", "--device", "gpu9"],
+        lambda w, t: ["mine-candidates", "--student", "tiny", "--data", w.ds, "--out", t / "out", "--device", "gpu9"],
         ["--device", "gpu9"],
     ),
     # ---- score-teacher ----
@@ -835,27 +839,27 @@ CASES = [
     # ---- evaluate ----
     (
         "evaluate: --data missing",
-        lambda w, t: ["evaluate", "--data", t / "none"],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", t / "none"],
         ["does not exist"],
     ),
     (
         "evaluate: a candidates dir as --data",
-        lambda w, t: ["evaluate", "--data", w.cand],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.cand],
         ["a candidates dir, not a cprd dataset"],
     ),
     (
         "evaluate: unknown --split",
-        lambda w, t: ["evaluate", "--data", w.ds, "--split", "dev"],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.ds, "--split", "dev"],
         ["unknown split", "dev"],
     ),
     (
         "evaluate: zero --batch-size",
-        lambda w, t: ["evaluate", "--data", w.ds, "--batch-size", 0],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.ds, "--batch-size", 0],
         ["--batch-size", ">= 1"],
     ),
     (
         "evaluate: zero --rerank-k",
-        lambda w, t: ["evaluate", "--data", w.ds, "--rerank-teacher", w.teacher, "--rerank-k", 0],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.ds, "--rerank-teacher", w.teacher, "--rerank-k", 0],
         ["--rerank-k", ">= 1"],
     ),
     (
@@ -870,12 +874,12 @@ CASES = [
     ),
     (
         "evaluate: --rerank-teacher missing",
-        lambda w, t: ["evaluate", "--data", w.ds, "--rerank-teacher", t / "none"],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.ds, "--rerank-teacher", t / "none"],
         ["not a loadable BLIP"],
     ),
     (
         "evaluate: unknown --device",
-        lambda w, t: ["evaluate", "--data", w.ds, "--device", "gpu9"],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.ds, "--device", "gpu9"],
         ["--device", "gpu9"],
     ),
     # ---- demo ----
