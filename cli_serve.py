@@ -53,7 +53,9 @@ def _student_option(required: bool):
 @click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
 @click.option("--device", default=None, help="torch device [default: cuda if present].")
 @click.option(
-    "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUT if it exists (only once the new one is complete).",
 )
 @json_option
 def encode_cmd(data, split, student, out, index, batch_size, seed, device, overwrite, as_json):
@@ -132,7 +134,9 @@ def search_cmd(gallery, query, k, student, device, as_json):
 @click.argument("student")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option(
-    "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUT if it exists (only once the new one is complete).",
 )
 @click.option(
     "--eval-data",

@@ -182,7 +182,7 @@ def search_gallery(
     if k < 1:
         raise ValueError(f"-k must be >= 1, got {k}")
     if not queries or any(not q.strip() for q in queries):
-        raise ValueError("the query is empty; pass some text, e.g. \"a dog on a beach\"")
+        raise ValueError('the query is empty; pass some text, e.g. "a dog on a beach"')
     path = Path(path)
     manifest = read_gallery(path)
     recorded = manifest["model"]

@@ -126,7 +126,9 @@ def _student_files(spec: str) -> tuple[dict, list[dict]]:
     if not (d / STUDENT_JSON).is_file():
         return {}, []
     train_cfg = json.loads((d / STUDENT_JSON).read_text()).get("train_cfg") or {}
-    lines = (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").is_file() else []
+    lines = (
+        (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").is_file() else []
+    )
     return train_cfg, [json.loads(line) for line in lines if line.strip()]
 
 
@@ -137,9 +139,7 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def model_card(
-    spec: str, loaded, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any]
-) -> str:
+def model_card(spec: str, loaded, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any]) -> str:
     """The README.md of an export: what the model is, what it was trained on and how, how well."""
     train_cfg, records = _student_files(spec)
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -191,8 +191,15 @@ def model_card(
             lines.append(f"- teacher cache: `{scores}` (not readable at export time)")
         else:
             lines.append("- none: trained with the contrastive loss alone")
-        lines += ["", "## Loss and settings", "", f"- loss: ITC + {train_cfg.get('lam')} x "
-                  f"`{train_cfg.get('loss')}`", "", "| setting | value |", "| --- | --- |"]
+        lines += [
+            "",
+            "## Loss and settings",
+            "",
+            f"- loss: ITC + {train_cfg.get('lam')} x `{train_cfg.get('loss')}`",
+            "",
+            "| setting | value |",
+            "| --- | --- |",
+        ]
         lines += [f"| {k} | {v} |" for k, v in sorted(train_cfg.items())]
     vals = [r for r in records if r.get("event") == "val"]
     if vals:
