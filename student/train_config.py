@@ -14,7 +14,7 @@ DEFAULT_VALID_TOP = 4  # CPRD anchors per query when neither validity flag is gi
 # a larger --epochs stretches the cosine schedule from where it is).
 RESUMABLE = frozenset(
     {"epochs", "device", "num_workers", "val_every", "log_every", "resume", "overwrite"}
-    | {"stop_after", "feature_cache"}
+    | {"stop_after", "feature_cache", "report_to"}
 )
 
 
@@ -48,6 +48,7 @@ class StudentTrainConfig:
     # or ~/.cache/cprd/features (pipeline/features.py)
     val_every: int = 1  # validate every N epochs (and always after the last)
     log_every: int = 10  # steps between "train" lines in metrics.jsonl
+    report_to: str = "none"  # none | tensorboard: metrics.jsonl's numbers also to OUT/tensorboard
     resume: bool = False  # continue from out/last.pt
     overwrite: bool = False  # replace an existing out dir
     stop_after: int | None = None  # end this run after this many epochs (time-boxed jobs)
@@ -98,6 +99,9 @@ def check_config(cfg: StudentTrainConfig) -> None:
         ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
     ):
         _need(ok, f"{flag} must be {rule}, got {value}")
+    from pipeline.tracking import check_report_to
+
+    check_report_to(cfg.report_to)
     p = cfg.valid_min_prob
     _need(p is None or 0 <= p <= 1, f"--valid-min-prob must lie in [0, 1], got {p}")
     _need(
