@@ -758,7 +758,7 @@ def train_student_cmd(as_json, **fields):
     Example:
 
     \b
-        cprd train-student --data data/demo --teacher-scores data/cache/KEY --loss cprd \\
+        cprd train-student --data data/demo --teacher-scores data/cache --loss cprd \\
             --epochs 10 --out runs/cprd
     """
     from student.train import train_student

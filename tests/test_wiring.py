@@ -1,0 +1,93 @@
+"""Wiring that explains itself: cache roots as --teacher-scores, ignored flags said aloud."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import assert_error, mine_and_score, run
+
+from pipeline.cache_entry import resolve_entry
+from pipeline.dataset import Dataset
+from student.train_config import StudentTrainConfig, ignored_flags
+
+
+@pytest.fixture(scope="module")
+def entry(small_dataset, tiny_teacher_dir, tmp_path_factory) -> Path:
+    """A complete teacher cache entry of the small dataset (k=3, 2 shards)."""
+    return mine_and_score(tmp_path_factory.mktemp("wiring"), small_dataset, tiny_teacher_dir, 3, 2)
+
+
+def test_root_resolves_to_the_datasets_entry(small_dataset, entry):
+    """The root holding one entry for the dataset gives that entry; an entry gives itself."""
+    fp = Dataset.load(small_dataset).fingerprint
+    assert resolve_entry(entry.parent, fp) == entry
+    assert resolve_entry(entry, fp) == entry
+    key = json.loads((entry / "key.json").read_text())
+    assert resolve_entry(entry.parent, fp, key["teacher"]["spec"]) == entry
+    with pytest.raises(ValueError, match="no entry for this dataset"):
+        resolve_entry(entry.parent, "f" * 64)
+
+
+def test_ambiguous_root_lists_its_entries(small_dataset, entry, tmp_path):
+    """Two entries for one dataset: the error names both and says which flag to change."""
+    root = tmp_path / "cache"
+    shutil.copytree(entry, root / entry.name)
+    shutil.copytree(entry, root / "other")
+    fp = Dataset.load(small_dataset).fingerprint
+    with pytest.raises(ValueError, match="holds 2 entries") as e:
+        resolve_entry(root, fp)
+    assert str(root / "other") in str(e.value) and "--teacher-scores ROOT/KEY" in str(e.value)
+    with pytest.raises(ValueError, match="holds no teacher cache entry"):
+        resolve_entry(tmp_path, fp)
+
+
+def test_train_student_takes_the_cache_root(small_dataset, entry, tmp_path):
+    """train-student --teacher-scores ROOT trains from the dataset's entry under it."""
+    result = run(
+        "train-student", "--data", small_dataset, "--out", tmp_path / "s", "--teacher-scores",
+        entry.parent, "--loss", "kl", "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["lookup"]["source"] == "teacher"
+
+
+def test_ignored_flags_are_named():
+    """Options the chosen loss or batching never reads are reported, defaults are not."""
+    cfg = StudentTrainConfig(data=Path("d"), out=Path("o"), loss="none", batching="random")
+    assert ignored_flags(cfg) == []
+    lines = ignored_flags(
+        StudentTrainConfig(
+            data=Path("d"), out=Path("o"), loss="none", batching="random", valid_top=2,
+            tau_teacher=2.0, lam=0.5, candidates=Path("c"),
+        )
+    )
+    assert [ln.split()[0] for ln in lines] == ["--valid-top", "--tau-teacher", "--lam", "--candidates"]
+    kl = StudentTrainConfig(data=Path("d"), out=Path("o"), loss="kl", teacher_scores=Path("t"),
+                            candidates=Path("c"), tau_teacher=2.0)
+    assert ignored_flags(kl) == []  # --candidates beside a teacher cache is not flagged
+
+
+def test_ignored_flag_is_a_warning_line(small_dataset, tmp_path):
+    """The CLI prints the warning on stderr and still trains."""
+    result = run(
+        "train-student", "--data", small_dataset, "--out", tmp_path / "s", "--loss", "none",
+        "--batching", "random", "--valid-top", "2", "--epochs", "1", "--batch-size", "4",
+        "--num-workers", "0",
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: --valid-top 2 is ignored: applies to --loss cprd only" in result.stderr
+
+
+def test_missing_entry_under_root_is_one_line(small_dataset, entry, tmp_path):
+    """A root with no entry for this dataset is one error line naming the fix."""
+    root = tmp_path / "empty-cache"
+    root.mkdir()
+    assert_error(
+        run("train-student", "--data", small_dataset, "--out", tmp_path / "s",
+            "--teacher-scores", root, "--loss", "kl"),
+        "holds no teacher cache entry",
+    )
