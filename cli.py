@@ -170,6 +170,19 @@ def config_options(cls, exclude: tuple[str, ...] = ()):
     show_default=True,
     help="Split for table rows when there is no split column.",
 )
+@click.option(
+    "--val-fraction",
+    default=0.0,
+    show_default=True,
+    help="Tables without a split column: this fraction of the images (seeded) becomes val.",
+)
+@click.option(
+    "--test-fraction",
+    default=0.0,
+    show_default=True,
+    help="Tables without a split column: this fraction of the images (seeded) becomes test.",
+)
+@click.option("--split-seed", default=0, show_default=True, help="Seed of --val/test-fraction.")
 @click.option("--skip-bad-images", is_flag=True, help="Drop missing/undecodable images, warn.")
 @overwrite_option
 @json_option
@@ -184,6 +197,9 @@ def import_data(
     caption_col,
     split_col,
     default_split,
+    val_fraction,
+    test_fraction,
+    split_seed,
     skip_bad_images,
     overwrite,
     as_json,
@@ -195,7 +211,8 @@ def import_data(
     \b
         cprd import-data --karpathy dataset_flickr30k.json --images flickr30k-images \\
             --out data/flickr30k
-        cprd import-data --csv pairs.csv --image-col path --caption-col text --out data/mine
+        cprd import-data --csv pairs.csv --image-col path --caption-col text --out data/mine \\
+            --val-fraction 0.05 --test-fraction 0.05
     """
     from pipeline import importers
 
@@ -204,6 +221,8 @@ def import_data(
     if len(given) != 1:
         raise click.UsageError("give exactly one input: --karpathy, --csv, --jsonl or --parquet")
     common = {"skip_bad_images": skip_bad_images, "overwrite": overwrite}
+    if karpathy is not None and (val_fraction or test_fraction):
+        raise click.UsageError("--val-fraction/--test-fraction are for tables; Karpathy has splits")
     if karpathy is not None:
         if images is None:
             raise click.UsageError("--karpathy needs --images ROOT, the folder of the image files")
@@ -219,6 +238,9 @@ def import_data(
             split_col=split_col,
             default_split=default_split,
             images_root=images,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
             **common,
         )
     summary = {"command": "import-data", "out": str(out), **_dataset_summary(meta)}
