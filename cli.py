@@ -440,9 +440,19 @@ def mine_candidates(
     "--rerank-teacher", default=None, help="Also report the top-K re-ranked by this teacher."
 )
 @click.option("--rerank-k", default=128, show_default=True, help="K re-ranked by the teacher.")
+@click.option(
+    "--rerank-score",
+    type=click.Choice(["itm", "itm+itc"]),
+    default="itm",
+    show_default=True,
+    help="Re-rank by the ITM logit alone, or by ITM logit + the dual encoder's cosine (itm+itc: "
+    "LAVIS's default, use it to compare with published BLIP numbers).",
+)
 @device_option
 @json_option
-def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_k, device, as_json):
+def evaluate_cmd(
+    data, student, split, batch_size, seed, rerank_teacher, rerank_k, rerank_score, device, as_json
+):
     """Recall@1/5/10 both directions and RSUM (percent) of a dual encoder on one split.
 
     Flickr30K/COCO protocol: an image query is correct at K if any of its captions is in its
@@ -465,11 +475,15 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
         device=device,
         rerank_teacher=rerank_teacher,
         rerank_k=rerank_k,
+        rerank_score=rerank_score,
     )
     result = evaluate(cfg)
     rows = [{"name": "dual-encoder", **result["metrics"]}]
     if "rerank_metrics" in result:
-        rows.append({"name": f"teacher-rerank@{rerank_k}", **result["rerank_metrics"]})
+        name = f"teacher-rerank@{rerank_k}" + (
+            "" if rerank_score == "itm" else f" ({rerank_score})"
+        )
+        rows.append({"name": name, **result["rerank_metrics"]})
     summary = {
         "command": "evaluate",
         "split": split,

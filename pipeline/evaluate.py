@@ -27,6 +27,7 @@ class EvalConfig:
     device: str | None = None  # None: CUDA when present, else CPU
     rerank_teacher: str | None = None  # teacher spec: also report its re-ranking of the top-K
     rerank_k: int = 128  # dual-encoder candidates per query the teacher re-ranks
+    rerank_score: str = "itm"  # itm: ITM logit alone; itm+itc: plus the cosine (LAVIS)
 
 
 def ranks_from_embeddings(
@@ -89,6 +90,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             captions["caption"].to_list(),
             cfg.rerank_k,
             progress=progress,
+            score=cfg.rerank_score,
         )
+        result["rerank_score"] = cfg.rerank_score
         result["rerank_k"] = cfg.rerank_k
     return result

@@ -95,7 +95,7 @@ def test_remine_reuses_embeddings(small_dataset, mined, tmp_path):
     )
 
     result = run(
-        "mine-candidates", "--data", small_dataset, "--out", out, "--k", "4", "--overwrite"
+        "mine-candidates", "--student", "tiny", "--data", small_dataset, "--out", out, "--k", "4", "--overwrite"
     )
     assert result.exit_code == 0 and "reusing embeddings" in result.stderr
     assert load_candidates(out)[0]["k"] == 4

@@ -297,7 +297,7 @@ def test_rerank_matches_naive(small_dataset, teacher_dir, tmp_path):
 
     assert (
         run(
-            "mine-candidates", "--data", small_dataset, "--out", tmp_path / "c", "--k", "1"
+            "mine-candidates", "--student", "tiny", "--data", small_dataset, "--out", tmp_path / "c", "--k", "1"
         ).exit_code
         == 0
     )  # the same tiny student's embeddings

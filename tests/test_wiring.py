@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pytest
 from conftest import assert_error, mine_and_score, run
 
@@ -91,3 +92,41 @@ def test_missing_entry_under_root_is_one_line(small_dataset, entry, tmp_path):
             "--teacher-scores", root, "--loss", "kl"),
         "holds no teacher cache entry",
     )
+
+
+def test_rerank_itm_plus_itc_adds_the_cosine(small_dataset, tiny_teacher_dir):
+    """--rerank-score itm+itc ranks by ITM logit + cosine: equal to re-ranking with that sum."""
+    import numpy as np
+    import torch
+
+    from pipeline.encode import encode_split
+    from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+    from pipeline.rerank import rerank_metrics
+    from pipeline.score import score_pairs
+    from student.models import load_model
+    from teacher.model import load_teacher
+
+    ds = Dataset.load(small_dataset)
+    images, captions = ds.split("train")
+    torch.manual_seed(0)
+    img, cap = encode_split(load_model("tiny"), ds, images, captions, progress=False)
+    row_of = {i: r for r, i in enumerate(images["image_id"].to_list())}
+    owner = np.array([row_of[i] for i in captions["image_id"].to_list()])
+    paths = [ds.image_path(p) for p in images["path"]]
+    texts = captions["caption"].to_list()
+    teacher = load_teacher(str(tiny_teacher_dir))
+    k = len(img)  # every image re-ranked, and >= 10 captions: R@1/5/10 need no top-K cut-off
+    assert k >= 10
+    got = rerank_metrics(img, cap, owner, teacher, paths, texts, k, progress=False,
+                         score="itm+itc")
+    every = pl.DataFrame(
+        {"image_id": np.repeat(np.arange(len(img)), len(cap)),
+         "caption_id": np.tile(np.arange(len(cap)), len(img))}
+    )
+    itm = score_pairs(teacher, every, paths, texts)["score"].to_numpy().reshape(len(img), len(cap))
+    total = torch.from_numpy(itm + img @ cap.T)  # (N, M)
+    owner_t = torch.as_tensor(owner)
+    want = retrieval_metrics_from_ranks(
+        i2t_ranks(total, torch.arange(len(img)), owner_t), t2i_ranks(total.T, owner_t)
+    )
+    assert got == pytest.approx(want)
