@@ -26,14 +26,10 @@ def resolve_entry(path: str | Path, fingerprint: str, teacher: str | None = None
     """The cache entry ``path`` names: itself when it holds key.json, else the one entry under
     the root ``path`` for dataset ``fingerprint`` (and ``teacher``: spec or weights sha256)."""
     path = Path(path)
-    if (path / KEY_JSON).is_file() or not path.is_dir():
-        return path  # an entry, or a missing path the cache reader reports
+    is_root = path.is_dir() and any((p / KEY_JSON).is_file() for p in path.iterdir())
+    if not is_root:
+        return path  # an entry, or something else that the cache reader names
     entries = list_caches(path)
-    if not entries:
-        raise ValueError(
-            f"--teacher-scores '{path}' holds no teacher cache entry; pass a cache root or "
-            "entry written by `cprd score-teacher`"
-        )
     mine = [e for e in entries if e["dataset_fingerprint"] == fingerprint]
     if teacher is not None:
         mine = [
