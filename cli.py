@@ -15,6 +15,9 @@ from pathlib import Path
 
 import click
 
+from cli_serve import COMMANDS as SERVE_COMMANDS
+from cli_serve import STUDENT_HELP
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 PACKAGES = ("pipeline", "teacher", "student")
 
@@ -167,6 +170,19 @@ def config_options(cls, exclude: tuple[str, ...] = ()):
     show_default=True,
     help="Split for table rows when there is no split column.",
 )
+@click.option(
+    "--val-fraction",
+    default=0.0,
+    show_default=True,
+    help="Tables without a split column: this fraction of the images (seeded) becomes val.",
+)
+@click.option(
+    "--test-fraction",
+    default=0.0,
+    show_default=True,
+    help="Tables without a split column: this fraction of the images (seeded) becomes test.",
+)
+@click.option("--split-seed", default=0, show_default=True, help="Seed of --val/test-fraction.")
 @click.option("--skip-bad-images", is_flag=True, help="Drop missing/undecodable images, warn.")
 @overwrite_option
 @json_option
@@ -181,6 +197,9 @@ def import_data(
     caption_col,
     split_col,
     default_split,
+    val_fraction,
+    test_fraction,
+    split_seed,
     skip_bad_images,
     overwrite,
     as_json,
@@ -192,7 +211,8 @@ def import_data(
     \b
         cprd import-data --karpathy dataset_flickr30k.json --images flickr30k-images \\
             --out data/flickr30k
-        cprd import-data --csv pairs.csv --image-col path --caption-col text --out data/mine
+        cprd import-data --csv pairs.csv --image-col path --caption-col text --out data/mine \\
+            --val-fraction 0.05 --test-fraction 0.05
     """
     from pipeline import importers
 
@@ -201,6 +221,8 @@ def import_data(
     if len(given) != 1:
         raise click.UsageError("give exactly one input: --karpathy, --csv, --jsonl or --parquet")
     common = {"skip_bad_images": skip_bad_images, "overwrite": overwrite}
+    if karpathy is not None and (val_fraction or test_fraction):
+        raise click.UsageError("--val-fraction/--test-fraction are for tables; Karpathy has splits")
     if karpathy is not None:
         if images is None:
             raise click.UsageError("--karpathy needs --images ROOT, the folder of the image files")
@@ -216,6 +238,9 @@ def import_data(
             split_col=split_col,
             default_split=default_split,
             images_root=images,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
             **common,
         )
     summary = {"command": "import-data", "out": str(out), **_dataset_summary(meta)}
@@ -313,12 +338,8 @@ def _dataset_summary(meta: dict) -> dict:
 
 # ---- stage 1 and evaluation ----------------------------------------------------------------------
 
-student_option = click.option(
-    "--student",
-    default="tiny",
-    show_default=True,
-    help="Model spec: tiny, an open_clip name[:pretrained tag or checkpoint], or a student dir.",
-)
+# Required: a forgotten --student once evaluated a random `tiny` model without a word.
+student_option = click.option("--student", required=True, help=STUDENT_HELP)
 device_option = click.option(
     "--device", default=None, help="torch device [default: cuda if present]."
 )
@@ -426,6 +447,14 @@ def mine_candidates(
     help="A teacher cache entry holding this split's scored candidates: also report how well the "
     "student orders each query's candidates as the teacher does (Kendall tau, NDCG@10).",
 )
+@click.option(
+    "--rerank-score",
+    type=click.Choice(["itm", "itm+itc"]),
+    default="itm",
+    show_default=True,
+    help="Re-rank by the ITM logit alone, or by ITM logit + the dual encoder's cosine (itm+itc: "
+    "LAVIS's default, use it to compare with published BLIP numbers).",
+)
 @device_option
 @json_option
 def evaluate_cmd(
@@ -436,6 +465,7 @@ def evaluate_cmd(
     seed,
     rerank_teacher,
     rerank_k,
+    rerank_score,
     teacher_scores,
     device,
     as_json,
@@ -463,11 +493,15 @@ def evaluate_cmd(
         rerank_teacher=rerank_teacher,
         rerank_k=rerank_k,
         teacher_scores=teacher_scores,
+        rerank_score=rerank_score,
     )
     result = evaluate(cfg)
     rows = [{"name": "dual-encoder", **result["metrics"]}]
     if "rerank_metrics" in result:
-        rows.append({"name": f"teacher-rerank@{rerank_k}", **result["rerank_metrics"]})
+        name = f"teacher-rerank@{rerank_k}" + (
+            "" if rerank_score == "itm" else f" ({rerank_score})"
+        )
+        rows.append({"name": name, **result["rerank_metrics"]})
     summary = {
         "command": "evaluate",
         "split": split,
@@ -786,7 +820,7 @@ def train_student_cmd(as_json, **fields):
     Example:
 
     \b
-        cprd train-student --data data/demo --teacher-scores data/cache/KEY --loss cprd \\
+        cprd train-student --data data/demo --teacher-scores data/cache --loss cprd \\
             --epochs 10 --out runs/cprd
     """
     from student.train import train_student
@@ -844,6 +878,11 @@ def demo(out, quick, seed, device, as_json):
     for line in summary_lines(report):
         click.echo(line)
     click.echo(f"report: {out / 'report.md'}, plot: {out / 'report.png'}")
+
+
+# The serving commands (encode, search, export) live in cli_serve.py.
+for _command in SERVE_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -104,7 +104,17 @@ def setup(work: Path) -> list:
         "--captions-per-image",
         3,
     )
-    run("mine-candidates", "--data", work / "data", "--out", work / "cand", "--k", 6)
+    run(
+        "mine-candidates",
+        "--student",
+        "tiny",
+        "--data",
+        work / "data",
+        "--out",
+        work / "cand",
+        "--k",
+        6,
+    )
     torch.manual_seed(0)
     texts = Dataset.load(work / "data").captions["caption"].to_list()
     model, processor = build_tiny_teacher(texts)

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,29 @@ def pick_device(device: str | None = None) -> torch.device:
             raise ValueError(f"--device {device}: no {dev.type} device here; use --device cpu")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def worker_device(
+    device: str | None,
+    env: Mapping[str, str] | None = None,
+    cuda_devices: int | None = None,
+) -> str | None:
+    """The device spec for one worker of a job launched as several processes on one machine.
+
+    torchrun (``LOCAL_RANK``) or srun (``SLURM_LOCALID``) give each process its index on the
+    machine: worker i takes ``cuda:i`` (modulo the GPU count, when there are more workers than
+    GPUs), so N workers do not all land on GPU 0. An explicit ``--device`` other than plain
+    ``cuda`` wins; without CUDA or a launcher the answer is ``device`` unchanged (None lets
+    ``pick_device`` choose). Pure: ``env`` and ``cuda_devices`` default to this process's.
+    """
+    env = os.environ if env is None else env
+    local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
+    if local is None or device not in (None, "cuda"):
+        return device
+    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if count == 0:
+        return device
+    return f"cuda:{int(local) % count}"
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -29,6 +29,7 @@ class EvalConfig:
     rerank_k: int = 128  # dual-encoder candidates per query the teacher re-ranks
     teacher_scores: Path | None = None  # a teacher cache entry of this split's candidates: also
     # report the ranking agreement (pipeline/agreement.py)
+    rerank_score: str = "itm"  # itm: ITM logit alone; itm+itc: plus the cosine (LAVIS)
 
 
 def ranks_from_embeddings(
@@ -93,7 +94,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             captions["caption"].to_list(),
             cfg.rerank_k,
             progress=progress,
+            score=cfg.rerank_score,
         )
+        result["rerank_score"] = cfg.rerank_score
         result["rerank_k"] = cfg.rerank_k
     return result
 
@@ -102,8 +105,9 @@ def _agreement(cfg: EvalConfig, ds: Dataset, images, captions, img, cap) -> dict
     """The student's agreement with the teacher on the split's cached candidates."""
     from pipeline.agreement import ranking_agreement
     from pipeline.cache import load_scores
+    from pipeline.cache_entry import resolve_entry
 
-    _, pairs = load_scores(Path(cfg.teacher_scores), ds.fingerprint)
+    _, pairs = load_scores(resolve_entry(cfg.teacher_scores, ds.fingerprint), ds.fingerprint)
     got = ranking_agreement(
         pairs, img, images["image_id"].to_numpy(), cap, captions["caption_id"].to_numpy()
     )

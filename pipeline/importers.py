@@ -15,6 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from PIL import Image
 from tqdm import tqdm
@@ -228,6 +229,26 @@ TABLE_READERS = {
 }
 
 
+def random_splits(
+    n: int, val_fraction: float, test_fraction: float, seed: int, rest: str = "train"
+) -> list[str]:
+    """The split of each of ``n`` images: a seeded draw of round(fraction * n) images (at least
+    one for a fraction > 0) for val, then test; ``rest`` for the others."""
+    counts = [max(1, round(f * n)) if f > 0 else 0 for f in (val_fraction, test_fraction)]
+    if sum(counts) >= n:
+        raise ValueError(
+            f"--val-fraction {val_fraction} and --test-fraction {test_fraction} of {n} images "
+            "leave none for training; lower them or import more images"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    splits = [rest] * n
+    for i in order[: counts[0]]:
+        splits[i] = "val"
+    for i in order[counts[0] : counts[0] + counts[1]]:
+        splits[i] = "test"
+    return splits
+
+
 def import_table(
     table_path: str | Path,
     fmt: str,
@@ -238,12 +259,18 @@ def import_table(
     split_col: str | None = None,
     default_split: str = "train",
     images_root: str | Path | None = None,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    split_seed: int = 0,
     **kwargs,
 ) -> dict:
     """Import a flat table of (image path, caption[, split]) rows, one row per caption.
 
     Relative image paths resolve against ``images_root``, else the table's own directory.
-    ``split_col`` None means: use a ``split`` column if there is one, else ``default_split``.
+    ``split_col`` None means: use a ``split`` column if there is one, else ``default_split``;
+    with ``val_fraction`` / ``test_fraction`` (tables without a split column), those fractions
+    of the images, drawn with ``split_seed``, go to val / test (all captions of an image go
+    with it) and the rest to ``default_split``.
     Rows of one image keep their order; images are numbered in order of first appearance.
     """
     table_path = Path(table_path)
@@ -267,6 +294,20 @@ def import_table(
                 f"{df.columns}"
             )
     split_col = split_col or ("split" if "split" in df.columns else None)
+    fractions = {"--val-fraction": val_fraction, "--test-fraction": test_fraction}
+    for opt, f in fractions.items():
+        if not 0 <= f < 1:
+            raise ValueError(f"{opt} must lie in [0, 1), got {f}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"--val-fraction {val_fraction} + --test-fraction {test_fraction} leave no training "
+            "images; keep their sum below 1"
+        )
+    if split_col and (val_fraction or test_fraction):
+        raise ValueError(
+            f"--val-fraction/--test-fraction make splits for tables without one, but {flag} file "
+            f"'{table_path}' has the split column '{split_col}'; drop the fractions"
+        )
     cols = [
         pl.col(image_col).cast(pl.String).alias("image"),
         pl.col(caption_col).cast(pl.String).alias("caption"),
@@ -297,10 +338,15 @@ def import_table(
         )
     paths = [root / p for p in groups["image"].to_list()]
     source = {"kind": fmt, "file": str(table_path.resolve()), "images_root": str(root)}
+    splits = [s[0] for s in groups["split"].to_list()]
+    if val_fraction or test_fraction:
+        splits = random_splits(len(paths), val_fraction, test_fraction, split_seed, default_split)
+        source |= {"val_fraction": val_fraction, "test_fraction": test_fraction}
+        source["split_seed"] = split_seed
     return build_dataset(
         Path(out),
         paths,
-        [s[0] for s in groups["split"].to_list()],
+        splits,
         groups["caption"].to_list(),
         source,
         **kwargs,

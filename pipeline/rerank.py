@@ -15,6 +15,8 @@ from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
 from pipeline.score import score_pairs
 from pipeline.search import topk_search
 
+RERANK_SCORES = ("itm", "itm+itc")  # LAVIS ranks by itm+itc; cprd's default stays itm
+
 
 def rerank_metrics(
     image: np.ndarray,
@@ -26,12 +28,18 @@ def rerank_metrics(
     k: int,
     batch_size: int = 64,
     progress: bool = True,
+    score: str = "itm",
 ) -> dict[str, float]:
     """Recall of the dual encoder's top-``k`` re-ranked by the teacher (items beyond k: misses).
 
     ``image`` (N, D) and ``caption`` (M, D) are unit-norm embeddings, ``owner`` (M,) the image
     row of each caption, ``image_paths``/``texts`` the files and texts of those rows.
+    ``score``: ``itm`` ranks by the teacher's ITM match logit alone; ``itm+itc`` by that logit
+    plus the first stage's cosine similarity, LAVIS's protocol (its BLIP/ALBEF retrieval
+    evaluation adds the ITC similarity that chose the top-K to the ITM logit).
     """
+    if score not in RERANK_SCORES:
+        raise ValueError(f"--rerank-score must be one of {', '.join(RERANK_SCORES)}, got {score!r}")
     k_i2t, k_t2i = min(k, len(caption)), min(k, len(image))
     _, top_c = topk_search(image, caption, k_i2t)  # (N, K) caption rows per image
     _, top_i = topk_search(caption, image, k_t2i)  # (M, K) image rows per caption
@@ -60,6 +68,8 @@ def rerank_metrics(
     )
     bar.close()
     scores = {(i, c): s for i, c, s in scored.select("image_id", "caption_id", "score").iter_rows()}
+    if score == "itm+itc":
+        scores = {(i, c): s + float(image[i] @ caption[c]) for (i, c), s in scores.items()}
 
     # Dense rows with -inf outside each query's own top-K: the metric's pessimistic ties then
     # rank every item the dual encoder did not retrieve behind all re-ranked ones.

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipeline import atomic, cache, cache_verify
 from pipeline.candidates import load_candidates
 from pipeline.dataset import Dataset
+from pipeline.encode import worker_device
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,9 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
             "mined from (fingerprints differ); pass the right --data"
         )
     pairs = unique_pairs(cand)
-    teacher = loaded_teacher or load_teacher(cfg.teacher, device=cfg.device)
+    # one GPU per worker when launched as several processes (torchrun, srun): cuda:LOCAL_RANK
+    device = worker_device(cfg.device)
+    teacher = loaded_teacher or load_teacher(cfg.teacher, device=device)
     key, fields = cache.cache_key(ds.fingerprint, teacher.identity)
     path = cache.open_cache(cfg.cache_dir, fields, key, cfg.shards, teacher.identity)
     num_shards = cache.read_key(path)["num_shards"]
@@ -247,6 +250,8 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
         "pairs_total": pairs.height,
         "pairs_scored": scored,
         "shards_written": len(written),
+        "shards_written_ids": written,
+        "device": str(teacher.device),
         "shards_skipped": len(skipped),
         "shards_busy": len(busy),
         "complete": final is not None,

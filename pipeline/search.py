@@ -135,6 +135,34 @@ def _faiss_index(
     return built
 
 
+def build_index(
+    gallery: np.ndarray,
+    index: str = "flat",
+    *,
+    nlist: int | None = None,
+    hnsw_m: int = 32,
+    ef_construction: int = 80,
+):
+    """A CPU faiss index over the rows of ``gallery`` (row r gets id r), ready for
+    ``faiss.write_index``: ``flat`` (exact), ``ivf`` or ``hnsw`` built as ``topk_search`` does."""
+    if index not in INDEXES:
+        raise ValueError(f"--index must be one of {', '.join(INDEXES)}, got '{index}'")
+    g = _as_matrix(gallery, "gallery")
+    if g.shape[0] == 0:
+        raise ValueError("gallery is empty; there is nothing to index")
+    return _faiss_index(
+        g,
+        index,
+        "cpu",
+        k=1,
+        nlist=nlist,
+        nprobe=32,
+        hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
+        ef_search=128,
+    )
+
+
 def topk_search(
     queries: np.ndarray,
     gallery: np.ndarray,

@@ -201,12 +201,15 @@ def load_lookup(
     (the cache/candidates readers raise a ValueError naming the file otherwise).
     """
     from pipeline.cache import load_scores
+    from pipeline.cache_entry import resolve_entry
     from pipeline.candidates import load_candidates
 
     train_images, _ = dataset.split("train")
     owner = dataset.captions["image_id"].to_numpy()
     if teacher_scores is not None:
-        _, pairs = load_scores(Path(teacher_scores), dataset.fingerprint)
+        # a cache root is fine too: its entry for this dataset is picked (pipeline/cache_entry.py)
+        entry = resolve_entry(teacher_scores, dataset.fingerprint)
+        _, pairs = load_scores(entry, dataset.fingerprint)
         source = "teacher"
     elif candidates is not None:
         manifest, table = load_candidates(Path(candidates))

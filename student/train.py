@@ -34,6 +34,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pipeline import tracking
 from pipeline.dataset import Dataset
 from pipeline.encode import (
     autocast,
@@ -262,6 +263,8 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
         model = loaded.model.train()
         optimizer = make_optimizer(model, cfg)
         state = start(cfg, env, model, optimizer)  # fresh, or out/last.pt when resuming
+        if env.main:  # _record also sends every metrics.jsonl line there
+            tracking.enable(cfg.out, cfg.report_to, Path(cfg.out) / "tensorboard", state["step"])
         ddp = model
         if env.world > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -441,6 +444,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
             "train_seconds": round(state["train_seconds"], 2),
         }
     finally:
+        tracking.close(cfg.out)
         close_distributed(env)
 
 
@@ -479,3 +483,4 @@ def _record(out: Path, state: dict, record: dict) -> None:
     state["metrics"].append(record)
     with open(Path(out) / METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")
+    tracking.report(out, record)  # --report-to tensorboard

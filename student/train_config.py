@@ -6,15 +6,18 @@ Written as ``config.json`` next to the output and inside every ``last.pt`` check
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VALID_TOP = 4  # CPRD anchors per query when neither validity flag is given
 # Options that may change between a run and its --resume (they change neither steps nor maths;
 # a larger --epochs stretches the cosine schedule from where it is).
 RESUMABLE = frozenset(
     {"epochs", "device", "num_workers", "val_every", "log_every", "resume", "overwrite"}
-    | {"stop_after", "feature_cache"}
+    | {"stop_after", "feature_cache", "report_to"}
 )
 
 
@@ -23,7 +26,7 @@ class StudentTrainConfig:
     data: Path  # dataset dir; trains on its train split, validates on val
     out: Path  # output dir; becomes a student model spec (the best epoch by val RSUM)
     student: str = "tiny"  # model to start from: tiny, open_clip NAME[:tag|:ckpt], a student dir
-    teacher_scores: Path | None = None  # teacher cache entry (`cprd score-teacher`)
+    teacher_scores: Path | None = None  # teacher cache (`cprd score-teacher`): root or entry
     candidates: Path | None = None  # candidates dir: neighbour lists for hard batching w/o teacher
     loss: str = "cprd"  # distillation term: cprd | kl | listmle | margin-mse | none (ITC only)
     epochs: int = 10  # every training image seeds one batch per epoch
@@ -55,6 +58,7 @@ class StudentTrainConfig:
     # or ~/.cache/cprd/features (pipeline/features.py)
     val_every: int = 1  # validate every N epochs (and always after the last)
     log_every: int = 10  # steps between "train" lines in metrics.jsonl
+    report_to: str = "none"  # none | tensorboard: metrics.jsonl's numbers also to OUT/tensorboard
     resume: bool = False  # continue from out/last.pt
     overwrite: bool = False  # replace an existing out dir
     stop_after: int | None = None  # end this run after this many epochs (time-boxed jobs)
@@ -113,6 +117,9 @@ def check_config(cfg: StudentTrainConfig) -> None:
         ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
     ):
         _need(ok, f"{flag} must be {rule}, got {value}")
+    from pipeline.tracking import check_report_to
+
+    check_report_to(cfg.report_to)
     p = cfg.valid_min_prob
     _need(p is None or 0 <= p <= 1, f"--valid-min-prob must lie in [0, 1], got {p}")
     _need(
@@ -158,6 +165,8 @@ def check_config(cfg: StudentTrainConfig) -> None:
         "--candidates for a teacher-free run",
     )
     _need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
+    for line in ignored_flags(cfg):  # said, not silently dropped
+        log.warning(line)
     out = Path(cfg.out)
     _need(
         not cfg.resume or (out / "last.pt").is_file(),
@@ -177,6 +186,37 @@ def check_config(cfg: StudentTrainConfig) -> None:
         f"--overwrite: '{out}' is not a train-student output (no config.json, last.pt or "
         "student.json); not replacing it",
     )
+
+
+def ignored_flags(cfg: StudentTrainConfig) -> list[str]:
+    """One line per option set to a non-default value that this combination never reads."""
+    default = {f.name: f.default for f in dataclasses.fields(StudentTrainConfig)}
+    lookup = cfg.teacher_scores is not None or (
+        cfg.candidates is not None and cfg.batching == "hard"
+    )
+    rules = (
+        ("valid_top", cfg.loss != "cprd", f"applies to --loss cprd only, not {cfg.loss}"),
+        ("valid_min_prob", cfg.loss != "cprd", f"applies to --loss cprd only, not {cfg.loss}"),
+        ("tau_teacher", cfg.loss != "kl", f"applies to --loss kl only, not {cfg.loss}"),
+        ("tau", cfg.loss in ("none", "margin-mse"), f"--loss {cfg.loss} has no temperature"),
+        ("lam", cfg.loss == "none", "--loss none has no distillation term to weigh"),
+        ("neighbours_per_seed", cfg.batching == "random", "applies to --batching hard only"),
+        (
+            "hard_k",
+            not lookup,
+            "no neighbour lists are read (no --teacher-scores, no hard batching from --candidates)",
+        ),
+        (
+            "candidates",
+            cfg.teacher_scores is None and cfg.batching == "random",
+            "--batching random reads no neighbour lists",
+        ),
+    )
+    return [
+        f"--{name.replace('_', '-')} {getattr(cfg, name)} is ignored: {why}"
+        for name, ignored, why in rules
+        if ignored and getattr(cfg, name) != default[name]
+    ]
 
 
 def check_resumable(cfg: StudentTrainConfig, saved: dict) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from pipeline import atomic, features
+from pipeline import atomic, features, tracking
 from pipeline.dataset import Dataset
 from pipeline.encode import autocast, pick_device
 from pipeline.metrics import i2t_ranks, retrieval_metrics, retrieval_metrics_from_ranks, t2i_ranks
@@ -267,6 +267,7 @@ def train_fusion(
         record["seconds"] = round(time.time() - t0, 1)
         record["cpu_seconds"] = round(time.process_time() - cpu0, 1)
         history.append(record)
+        tracking.report(cfg.out, {"event": "fusion", **record})
         log.info("epoch %d: %s", epoch + 1, record)
         if progress:
             tqdm.write(_epoch_line(record))
@@ -290,6 +291,7 @@ def train_effnet_minilm(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     t0, cpu0 = time.time(), time.process_time()
+    tracking.enable(cfg.out, cfg.report_to, cfg.report_dir)
 
     # ---- 1. tower features, from the cache where present
     tw = Towers(cfg.feature_cache or features.default_root(), device)
@@ -311,6 +313,8 @@ def train_effnet_minilm(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     )
     head = EffnetMiniLMHead(head_cfg).to(device)
     prior_log = fit_prior(head.prior, tr, va, cfg.prior_epochs, cfg, device, progress)
+    for record in prior_log:  # the prior's epochs come first, on their own step axis
+        tracking.report(cfg.out, {"event": "prior", "step": record.get("prior_epoch", 0), **record})
     prior_epochs = cfg.prior_epochs
     if va is not None and prior_log:
         prior_epochs = max(prior_log, key=lambda r: r["prior_rsum"])["prior_epoch"]
@@ -323,6 +327,7 @@ def train_effnet_minilm(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     evaluate = RerankEval(head, va, cfg.val_k, device) if va is not None else None
     history, best_epoch = train_fusion(head, tr, folds, evaluate, cfg, device, progress)
     _save(cfg, out, head, tw, [*prior_log, *history])
+    tracking.close(cfg.out)
     return {
         "out": str(out),
         "base": cfg.base,

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic
+from pipeline import atomic, tracking
 from pipeline.dataset import Dataset
 from pipeline.encode import autocast, pick_device
 from teacher.batches import lexical_neighbours, neighbour_batches
@@ -119,6 +119,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     if cfg.val_images and ds.meta["counts"]["val"]["images"]:
         val = _Split(ds, "val", cfg.val_images)
     device = pick_device(cfg.device)
+    tracking.enable(cfg.out, cfg.report_to, cfg.report_dir)
     model, processor = _build_model(cfg, train.texts)
     model.to(device).train()
     log.info("teacher: %s, %.2fM parameters, on %s", cfg.base, _millions(model), device)
@@ -206,6 +207,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
         record["seconds"] = round(time.time() - t0, 1)
         record["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads of this process
         history.append(record)
+        tracking.report(cfg.out, {"event": "epoch", **record})
         log.info("epoch %d: %s", epoch + 1, record)
         if progress:
             tqdm.write(_epoch_line(record))
@@ -214,6 +216,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     bar.close()
 
     _save(cfg, out, model, processor, history)
+    tracking.close(cfg.out)
     return {
         "out": str(out),
         "base": cfg.base,

@@ -55,6 +55,12 @@ class TeacherTrainConfig:
     negative_pool: int = 32  # effnet-minilm only: hard negatives come from a query's prior top-N
     itm_loss: str = "bce"  # effnet-minilm only: "bce" (per pair) or "softmax" (listwise per query)
     feature_cache: str | None = None  # effnet-minilm only: feature cache root (default: see README)
+    report_to: str = "none"  # none | tensorboard: each epoch's numbers also to OUT-tensorboard/
+
+    @property
+    def report_dir(self) -> str:
+        """TensorBoard's folder: beside OUT, since OUT appears (atomically) only at the end."""
+        return f"{str(self.out).rstrip('/')}-tensorboard"
 
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate at optimiser step ``step`` of ``total``: linear warm-up over ``warmup``
@@ -65,6 +71,10 @@ class TeacherTrainConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def __post_init__(self) -> None:
+        from pipeline.tracking import check_report_to
+
+        check_report_to(self.report_to)
+
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 

@@ -73,7 +73,17 @@ def mine_and_score(
     """Mine ``k`` candidates of ``split`` into base/cand and score them into base/cache; the
     cache entry."""
     result = run(
-        "mine-candidates", "--data", data, "--out", base / "cand", "--k", k, "--split", split
+        "mine-candidates",
+        "--student",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        base / "cand",
+        "--k",
+        k,
+        "--split",
+        split,
     )
     assert result.exit_code == 0, result.output
     result = run(

@@ -91,7 +91,16 @@ def test_evaluate_reports_agreement_on_a_scored_split(small_dataset, tiny_teache
 
     entry = mine_and_score(tmp_path, small_dataset, tiny_teacher_dir, 3, 2, split="val")
     result = run(
-        "evaluate", "--data", small_dataset, "--split", "val", "--teacher-scores", entry, "--json"
+        "evaluate",
+        "--student",
+        "tiny",
+        "--data",
+        small_dataset,
+        "--split",
+        "val",
+        "--teacher-scores",
+        entry,
+        "--json",
     )
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout.strip().splitlines()[-1])["ranking_agreement"]
@@ -105,6 +114,14 @@ def test_evaluate_reports_agreement_on_a_scored_split(small_dataset, tiny_teache
         assert got[d]["ndcg@10"] == pytest.approx(want[d]["ndcg@10"], abs=1e-5)
     train_entry = mine_and_score(tmp_path / "train", small_dataset, tiny_teacher_dir, 3, 2)
     result = run(
-        "evaluate", "--data", small_dataset, "--split", "val", "--teacher-scores", train_entry
+        "evaluate",
+        "--student",
+        "tiny",
+        "--data",
+        small_dataset,
+        "--split",
+        "val",
+        "--teacher-scores",
+        train_entry,
     )
     assert_error(result, "--teacher-scores", "holds no candidates of split 'val'")

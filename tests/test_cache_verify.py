@@ -144,7 +144,17 @@ def test_repair_refuses_other_inputs(clean, entry, demo_dataset_master, tiny_tea
     assert_error(run("cache", "verify", entry, "--repair"), "--candidates", "1 shards")
     other = tmp_path / "other-cand"
     assert (
-        run("mine-candidates", "--data", demo_dataset_master, "--out", other, "--k", 2).exit_code
+        run(
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            demo_dataset_master,
+            "--out",
+            other,
+            "--k",
+            2,
+        ).exit_code
         == 0
     )
     assert_error(
@@ -183,7 +193,12 @@ def test_repair_refuses_other_inputs(clean, entry, demo_dataset_master, tiny_tea
 def test_repair_warns_about_pairs_of_other_candidates(clean, entry, small_dataset, tmp_path):
     """A shard holding pairs of two candidate sets, repaired from one: the loss is reported."""
     more = tmp_path / "k5"
-    assert run("mine-candidates", "--data", small_dataset, "--out", more, "--k", 5).exit_code == 0
+    assert (
+        run(
+            "mine-candidates", "--student", "tiny", "--data", small_dataset, "--out", more, "--k", 5
+        ).exit_code
+        == 0
+    )
     teacher = json.loads((entry / "key.json").read_text())["teacher"]["spec"]
     extra = run(
         "score-teacher",

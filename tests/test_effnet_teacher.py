@@ -259,6 +259,8 @@ def test_score_teacher_and_rerank_use_it(demo_dataset: Path, trained: Path, tmp_
     assert again.exit_code == 0 and json.loads(again.stdout.splitlines()[-1])["pairs_scored"] == 0
     result = run(
         "evaluate",
+        "--student",
+        "tiny",
         "--data",
         demo_dataset,
         "--split",

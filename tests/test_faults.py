@@ -44,7 +44,20 @@ def finish(proc: subprocess.Popen) -> dict:
 def scoring_inputs(small_dataset, tiny_teacher_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(candidates with k=8, the session's tiny BLIP teacher) for the small dataset."""
     out = tmp_path_factory.mktemp("faults") / "cand"
-    finish(cprd("mine-candidates", "--data", small_dataset, "--out", out, "--k", "8", "--json"))
+    finish(
+        cprd(
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            small_dataset,
+            "--out",
+            out,
+            "--k",
+            "8",
+            "--json",
+        )
+    )
     return out, tiny_teacher_dir
 
 

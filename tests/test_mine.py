@@ -17,7 +17,9 @@ from pipeline.metrics import retrieval_metrics
 
 
 def mine(data: Path, out: Path, *extra) -> dict:
-    result = run("mine-candidates", "--data", data, "--out", out, "--json", *extra)
+    result = run(
+        "mine-candidates", "--student", "tiny", "--data", data, "--out", out, "--json", *extra
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -73,6 +75,8 @@ def test_remine_reuses_embeddings(small_dataset, mined, tmp_path):
     out = tmp_path / "again"
     result = run(
         "mine-candidates",
+        "--student",
+        "tiny",
         "--data",
         small_dataset,
         "--out",
@@ -93,7 +97,16 @@ def test_remine_reuses_embeddings(small_dataset, mined, tmp_path):
     )
 
     result = run(
-        "mine-candidates", "--data", small_dataset, "--out", out, "--k", "4", "--overwrite"
+        "mine-candidates",
+        "--student",
+        "tiny",
+        "--data",
+        small_dataset,
+        "--out",
+        out,
+        "--k",
+        "4",
+        "--overwrite",
     )
     assert result.exit_code == 0 and "reusing embeddings" in result.stderr
     assert load_candidates(out)[0]["k"] == 4
@@ -105,6 +118,8 @@ def test_k_clamped_with_warning(small_dataset, tmp_path):
     assert summary["k_used"] == {"i2t": summary["counts"]["captions"], "t2i": 6}
     result = run(
         "mine-candidates",
+        "--student",
+        "tiny",
         "--data",
         small_dataset,
         "--out",
@@ -149,17 +164,31 @@ BAD_MINING = [
 def test_bad_mining_input(small_dataset, tmp_path, extra, fragments):
     """Each bad mining input gives exit 1 and one Error line; nothing is written."""
     out = tmp_path / "cand"
-    assert_error(run("mine-candidates", "--data", small_dataset, "--out", out, *extra), *fragments)
+    assert_error(
+        run("mine-candidates", "--student", "tiny", "--data", small_dataset, "--out", out, *extra),
+        *fragments,
+    )
     assert not out.exists()
 
 
 def test_mining_refuses_missing_and_existing(small_dataset, mined, tmp_path):
     """A missing dataset and an existing --out are clear errors."""
     assert_error(
-        run("mine-candidates", "--data", tmp_path / "nope", "--out", tmp_path / "c"),
+        run(
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            tmp_path / "nope",
+            "--out",
+            tmp_path / "c",
+        ),
         "does not exist",
     )
-    assert_error(run("mine-candidates", "--data", small_dataset, "--out", mined), "--overwrite")
+    assert_error(
+        run("mine-candidates", "--student", "tiny", "--data", small_dataset, "--out", mined),
+        "--overwrite",
+    )
 
 
 def test_embeddings_from_other_split_refused(small_dataset, mined, tmp_path):
@@ -167,6 +196,8 @@ def test_embeddings_from_other_split_refused(small_dataset, mined, tmp_path):
     assert_error(
         run(
             "mine-candidates",
+            "--student",
+            "tiny",
             "--data",
             small_dataset,
             "--out",
@@ -196,7 +227,9 @@ def test_tampered_candidates_detected(mined, tmp_path):
 
 def test_evaluate_matches_reference(small_dataset, tmp_path):
     """evaluate --json equals retrieval_metrics over the full similarity of the same embeddings."""
-    result = run("evaluate", "--data", small_dataset, "--split", "train", "--json")
+    result = run(
+        "evaluate", "--student", "tiny", "--data", small_dataset, "--split", "train", "--json"
+    )
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout.strip().splitlines()[-1])
     mine(small_dataset, tmp_path / "c", "--k", "2")  # same model (tiny, seed 0) and split
@@ -212,6 +245,9 @@ def test_evaluate_matches_reference(small_dataset, tmp_path):
 
 def test_evaluate_table_and_errors(small_dataset):
     """evaluate prints a table; a bad split and --rerank-teacher (not built yet) are clear errors."""
-    result = run("evaluate", "--data", small_dataset, "--split", "test")
+    result = run("evaluate", "--student", "tiny", "--data", small_dataset, "--split", "test")
     assert result.exit_code == 0 and "rsum" in result.output and "dual-encoder" in result.output
-    assert_error(run("evaluate", "--data", small_dataset, "--split", "nope"), "unknown split")
+    assert_error(
+        run("evaluate", "--student", "tiny", "--data", small_dataset, "--split", "nope"),
+        "unknown split",
+    )

@@ -32,7 +32,17 @@ def cands(small_dataset, tmp_path_factory) -> dict[int, Path]:
     base = tmp_path_factory.mktemp("cands")
     out = {}
     for k in (3, 5):
-        result = run("mine-candidates", "--data", small_dataset, "--out", base / f"k{k}", "--k", k)
+        result = run(
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            small_dataset,
+            "--out",
+            base / f"k{k}",
+            "--k",
+            k,
+        )
         assert result.exit_code == 0, result.output
         out[k] = base / f"k{k}"
     return out
@@ -280,6 +290,8 @@ def test_rerank_matches_naive(small_dataset, teacher_dir, tmp_path):
     k = 4
     result = run(
         "evaluate",
+        "--student",
+        "tiny",
         "--data",
         small_dataset,
         "--split",
@@ -295,7 +307,15 @@ def test_rerank_matches_naive(small_dataset, teacher_dir, tmp_path):
 
     assert (
         run(
-            "mine-candidates", "--data", small_dataset, "--out", tmp_path / "c", "--k", "1"
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            small_dataset,
+            "--out",
+            tmp_path / "c",
+            "--k",
+            "1",
         ).exit_code
         == 0
     )  # the same tiny student's embeddings
