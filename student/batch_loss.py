@@ -48,6 +48,8 @@ class DistillSettings:
     tau_teacher: float  # kl: teacher softmax temperature
     valid_top: int | None  # cprd validity rule: a fixed count ...
     valid_min_prob: float | None  # ... or a teacher-probability threshold (exactly one is set)
+    itc_negatives: str = "pool"  # given ``positive``: pool (every extra) or own (each anchor's
+    # own delivered negatives only) in ITC's denominators
 
 
 def step_loss(
@@ -63,6 +65,11 @@ def step_loss(
     b = num_pairs
     if positive is None:
         itc = itc_loss(sim[:b, :b], logit_scale)
+    elif st.itc_negatives == "own":
+        allowed = _own(sim.shape, b, lists).to(sim.device)
+        itc = itc_loss(
+            sim.masked_fill(~allowed, float("-inf")), logit_scale, positive & allowed, anchors=b
+        )
     else:
         itc = itc_loss(sim, logit_scale, positive, anchors=b)
     if st.loss == "none":
@@ -117,6 +124,22 @@ def _direction(
     if st.loss == "margin-mse":
         return margin_mse_loss(s1, t1, m1, student_scale=scale)
     raise ValueError(f"unknown distillation loss {st.loss!r}")
+
+
+def _own(shape: tuple[int, int], b: int, lists: tuple[QueryLists, QueryLists]) -> Tensor:
+    """(Pi, Pc) bool: the entries ITC may use when each anchor sees the batch plus only its own
+    delivered negatives: the pairs' block, image anchor r's listed captions (row r), caption
+    anchor c's listed images (column c). Extra-extra entries serve no anchor."""
+    allowed = torch.zeros(shape, dtype=torch.bool)
+    allowed[:b, :b] = True
+    for ql, transpose in ((lists[0], False), (lists[1], True)):
+        rows = np.repeat(np.arange(len(ql.index)), ql.mask.sum(axis=1))
+        cols = ql.index[ql.mask]
+        if transpose:
+            allowed[torch.from_numpy(cols), torch.from_numpy(rows)] = True
+        else:
+            allowed[torch.from_numpy(rows), torch.from_numpy(cols)] = True
+    return allowed
 
 
 def pool_positive(image_pool: np.ndarray, caption_pool: np.ndarray, owner: np.ndarray) -> Tensor:

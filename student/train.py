@@ -208,9 +208,11 @@ def _load_data(
 
     def get(source: str) -> TeacherLookup:
         if source not in lookups:
-            kw = {"teacher_scores" if source == "teacher" else "candidates": getattr(
-                cfg, "teacher_scores" if source == "teacher" else "candidates"
-            )}
+            kw = {
+                "teacher_scores" if source == "teacher" else "candidates": getattr(
+                    cfg, "teacher_scores" if source == "teacher" else "candidates"
+                )
+            }
             lookups[source] = load_lookup(ds, cfg.hard_k, **kw)
             log.info("%s hard-negative lists: %s", source, json.dumps(lookups[source].summary()))
         return lookups[source]
@@ -271,7 +273,9 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
             ddp = DistributedDataParallel(model, device_ids=ids)
         total_steps = cfg.epochs * planner.steps_per_epoch
         top, min_prob = cfg.valid_rule()
-        settings = DistillSettings(cfg.loss, cfg.lam, cfg.tau, cfg.tau_teacher, top, min_prob)
+        settings = DistillSettings(
+            cfg.loss, cfg.lam, cfg.tau, cfg.tau_teacher, top, min_prob, cfg.itc_negatives
+        )
         pixels, caption_inputs, frozen = _inputs(
             model, loaded, ds, cfg, env.device, progress and env.main
         )
@@ -318,7 +322,13 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                     batch is batches[0] or (every and state["step"] % every == 0)
                 ):
                     _refresh_bank(
-                        bank, model, pixels, caption_inputs, planner, live, env.device,
+                        bank,
+                        model,
+                        pixels,
+                        caption_inputs,
+                        planner,
+                        live,
+                        env.device,
                         state["step"],
                     )
 
@@ -338,7 +348,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                 lists = batch_lists(lookup, batch) if lookup is not None else None
                 pos = lookup.pos_score[batch.captions] if lookup is not None else None
                 positive = None
-                if cfg.itc_negatives == "pool" and len(sim) + sim.shape[1] > 2 * len(batch.images):
+                if cfg.itc_negatives != "batch" and len(sim) + sim.shape[1] > 2 * len(batch.images):
                     positive = pool_positive(batch.image_pool, batch.caption_pool, owner)
                     positive = positive.to(sim.device)
                 terms = step_loss(

@@ -45,8 +45,8 @@ class StudentTrainConfig:
     # (read from the negative bank, student/bank.py), explicit (encoded in the step), inbatch
     # (only those the batch happens to hold)
     bank_refresh: int = 0  # bank: also re-encode every bank row every N steps (0: each epoch only)
-    itc_negatives: str = "pool"  # pool: ITC's denominators hold the delivered negatives too;
-    # batch: ITC over the pairs only
+    itc_negatives: str = "pool"  # pool: ITC's denominators hold every delivered negative too;
+    # own: each query's own delivered negatives; batch: ITC over the pairs only
     batching: str = "hard"  # hard: seeds plus their cached neighbours; random: random pairs
     batching_order: str | None = None  # hard batching's neighbour order: miner (--candidates'
     # scores, no teacher) or teacher (--teacher-scores); None: teacher when given, else miner
@@ -132,8 +132,8 @@ def check_config(cfg: StudentTrainConfig) -> None:
     )
     _need(cfg.bank_refresh >= 0, f"--bank-refresh must be >= 0, got {cfg.bank_refresh}")
     _need(
-        cfg.itc_negatives in ("pool", "batch"),
-        f"--itc-negatives must be pool or batch, got '{cfg.itc_negatives}'",
+        cfg.itc_negatives in ("pool", "own", "batch"),
+        f"--itc-negatives must be pool, own or batch, got '{cfg.itc_negatives}'",
     )
     _need(
         cfg.batching in ("hard", "random"),

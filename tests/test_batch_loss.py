@@ -50,23 +50,30 @@ def synthetic_lookup(seed: int, hard_k: int, *, score_seed: int | None = None, n
     return build_lookup(frame, owner, np.arange(n_img), n_img, hard_k), owner
 
 
-def reference(sim, scale, batch, lookup, owner, st: DistillSettings, pool_itc: bool) -> dict:
+def reference(sim, scale, batch, lookup, owner, st: DistillSettings, itc: str) -> dict:
     """The step's loss written out query by query (module docstring of student/batch_loss)."""
     b = len(batch.images)
     ip, cp = batch.image_pool.tolist(), batch.caption_pool.tolist()
     tau = 1.0 / scale
     # ITC: each pair's image over every pool caption (positives: its own captions), and each
     # pair's caption over every pool image; only the pairs are anchors.
-    rows, cols = (sim, sim.t()) if pool_itc else (sim[:b, :b], sim[:b, :b].t())
+    rows, cols = (sim[:b, :b], sim[:b, :b].t()) if itc == "batch" else (sim, sim.t())
+    own = (  # each anchor's own listed negatives, as positions in the other pool
+        [{cp.index(c) for c in lookup.i2t.of(q)[0] if c in cp} for q in batch.images],
+        [{ip.index(i) for i in lookup.t2i.of(q)[0] if i in ip} for q in batch.captions],
+    )
     terms = []
-    for lg, is_pos in (
-        (rows, lambda r, c: owner[cp[c]] == ip[r]),
-        (cols, lambda r, c: owner[cp[r]] == ip[c]),
+    for d, (lg, is_pos) in enumerate(
+        (
+            (rows, lambda r, c: owner[cp[c]] == ip[r]),
+            (cols, lambda r, c: owner[cp[r]] == ip[c]),
+        )
     ):
         per = []
         for r in range(b):
-            logits = scale * lg[r]
-            pos = [c for c in range(len(logits)) if is_pos(r, c)]
+            keep = [c for c in range(len(lg[r])) if itc != "own" or c < b or c in own[d][r]]
+            logits = scale * lg[r][keep]
+            pos = [k for k, c in enumerate(keep) if is_pos(r, c)]
             per.append(torch.logsumexp(logits, 0) - torch.logsumexp(logits[pos], 0))
         terms.append(torch.stack(per).mean())
     out = {"itc": (terms[0] + terms[1]) / 2}
@@ -114,14 +121,14 @@ def lookup_list(lists, q):
 
 @pytest.mark.parametrize("negatives", ["explicit", "bank", "inbatch"])
 @pytest.mark.parametrize("loss", ["cprd", "kl", "listmle", "margin-mse", "none"])
-@pytest.mark.parametrize("pool_itc", [True, False])
-def test_step_loss_matches_per_query_reference(negatives, loss, pool_itc):
+@pytest.mark.parametrize("itc", ["pool", "own", "batch"])
+def test_step_loss_matches_per_query_reference(negatives, loss, itc):
     """Both directions, non-square pools (pairs + extras): step_loss equals the written-out loop."""
     lookup, owner = synthetic_lookup(0, hard_k=5)
     planner = BatchPlanner(
         np.arange(N_IMG), owner, 6, lookup=lookup, negatives=negatives, neighbours_per_seed=1
     )
-    st = DistillSettings(loss, 1.0, None, 0.5, 2, None)
+    st = DistillSettings(loss, 1.0, None, 0.5, 2, None, itc)
     checked = 0
     for batch in planner.epoch(0)[:3]:
         pi, pc = len(batch.image_pool), len(batch.caption_pool)
@@ -132,9 +139,11 @@ def test_step_loss_matches_per_query_reference(negatives, loss, pool_itc):
         scale = torch.tensor(7.0, dtype=torch.float64)
         lists = batch_lists(lookup, batch)
         pos = lookup.pos_score[batch.captions]
-        positive = pool_positive(batch.image_pool, batch.caption_pool, owner) if pool_itc else None
-        got = step_loss(sim, scale, len(batch.images), lists, pos, st, positive)
-        want = reference(sim, 7.0, batch, lookup, owner, st, pool_itc)
+        positive = pool_positive(batch.image_pool, batch.caption_pool, owner)
+        got = step_loss(
+            sim, scale, len(batch.images), lists, pos, st, None if itc == "batch" else positive
+        )
+        want = reference(sim, 7.0, batch, lookup, owner, st, itc)
         for k, v in want.items():
             torch.testing.assert_close(got[k], v.to(got[k]))
         g_got = torch.autograd.grad(got["total"], sim)[0]
