@@ -214,7 +214,7 @@ def import_data(
         cprd import-data --csv pairs.csv --image-col path --caption-col text --out data/mine \\
             --val-fraction 0.05 --test-fraction 0.05
     """
-    from pipeline import importers
+    from pipeline.stages import importers
 
     sources = {"karpathy": karpathy, "csv": csv_file, "jsonl": jsonl, "parquet": parquet}
     given = {k: v for k, v in sources.items() if v is not None}
@@ -263,7 +263,7 @@ def data_info(dataset, as_json):
     \b
         cprd data-info data/demo
     """
-    from pipeline.dataset import Dataset
+    from pipeline.core.dataset import Dataset
 
     info = Dataset.load(dataset).info()
     if as_json:
@@ -310,7 +310,7 @@ def demo_data(
     \b
         cprd demo-data --out data/demo --train-images 2000 --seed 0
     """
-    from pipeline.demo_data import generate_demo_data
+    from pipeline.stages.demo_data import generate_demo_data
 
     meta = generate_demo_data(
         out,
@@ -394,7 +394,7 @@ def mine_candidates(
     \b
         cprd mine-candidates --data data/demo --student runs/itc --k 32 --out data/cand
     """
-    from pipeline.mine import MineConfig, mine_candidates
+    from pipeline.stages.mine import MineConfig, mine_candidates
 
     _positive(batch_size=batch_size)
     cfg = MineConfig(
@@ -480,7 +480,7 @@ def evaluate_cmd(
     \b
         cprd evaluate --data data/demo --student runs/cprd --split test --json
     """
-    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.stages.evaluate import EvalConfig, evaluate
 
     _positive(batch_size=batch_size, rerank_k=rerank_k)
     cfg = EvalConfig(
@@ -514,7 +514,7 @@ def evaluate_cmd(
         "ranking_agreement": result.get("ranking_agreement"),
     }
     if not as_json:
-        from pipeline.report import table
+        from pipeline.stages.report import table
 
         click.echo(table(rows))
         if result.get("ranking_agreement"):
@@ -596,7 +596,7 @@ def score_teacher_cmd(
         cprd score-teacher --candidates data/cand --teacher runs/teacher --shards 64 \\
             --cache-dir data/cache --json
     """
-    from pipeline.score import ScoreConfig, parse_shard_ids, score_teacher
+    from pipeline.stages.score import ScoreConfig, parse_shard_ids, score_teacher
 
     _positive(shards=shards, batch_size=batch_size)
     cfg = ScoreConfig(
@@ -648,7 +648,7 @@ def cache_list(cache_dir, as_json):
     \b
         cprd cache list data/cache
     """
-    from pipeline.cache import list_caches
+    from pipeline.core.cache import list_caches
 
     entries = list_caches(cache_dir)
     if as_json:
@@ -675,7 +675,7 @@ def cache_info_cmd(path, as_json):
     \b
         cprd cache info data/cache/0123abcd
     """
-    from pipeline.cache import cache_info
+    from pipeline.core.cache import cache_info
 
     info = cache_info(path)
     if as_json:
@@ -716,14 +716,14 @@ def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as
         cprd cache verify data/cache/0123abcd
         cprd cache verify data/cache/0123abcd --repair --candidates data/cand
     """
-    from pipeline.cache_verify import verify
+    from pipeline.core.cache_verify import verify
 
     if not repair and any(v is not None for v in (candidates, teacher, data)):
         raise click.UsageError("--candidates, --teacher and --data only go with --repair")
     _positive(batch_size=batch_size)
     result = {"command": "cache verify"}
     if repair:
-        from pipeline.score import repair_cache
+        from pipeline.stages.score import repair_cache
 
         result |= repair_cache(
             path, candidates, teacher, data=data, batch_size=batch_size, device=device
@@ -864,8 +864,8 @@ def demo(out, quick, seed, device, as_json):
     \b
         cprd demo --quick
     """
-    from pipeline.demo import DemoConfig, run_demo
-    from pipeline.report import summary_lines, table
+    from pipeline.stages.demo import DemoConfig, run_demo
+    from pipeline.stages.report import summary_lines, table
 
     report = run_demo(
         DemoConfig(out=out, profile="quick" if quick else "full", seed=seed, device=device)

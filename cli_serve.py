@@ -70,7 +70,7 @@ def encode_cmd(data, split, student, out, index, batch_size, seed, device, overw
     \b
         cprd encode --data data/demo --split test --student runs/cprd --out data/gallery
     """
-    from pipeline.gallery import EncodeConfig, encode_gallery
+    from pipeline.stages.gallery import EncodeConfig, encode_gallery
 
     if batch_size < 1:
         raise click.BadParameter(f"must be >= 1, got {batch_size}", param_hint="'--batch-size'")
@@ -117,7 +117,7 @@ def search_cmd(gallery, query, k, student, device, as_json):
     \b
         cprd search data/gallery "a red circle left of a blue square" -k 5
     """
-    from pipeline.gallery import search_gallery
+    from pipeline.stages.gallery import search_gallery
 
     results = search_gallery(gallery, list(query), k, student=student, device=device)
     if as_json:

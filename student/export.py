@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline import atomic
+from pipeline.core import atomic
 from student.models import load_model
 from student.pretrained import CFG_KEY
 from student.storage import STUDENT_JSON
@@ -92,7 +92,7 @@ def export_student(
     card = model_card(spec, loaded, model_cfg, preprocess_cfg)
     metrics = None
     if eval_data is not None:
-        from pipeline.evaluate import EvalConfig, evaluate
+        from pipeline.stages.evaluate import EvalConfig, evaluate
 
         result = evaluate(EvalConfig(data=eval_data, student=spec, split=eval_split, seed=seed))
         metrics = {"split": eval_split, "dataset": str(eval_data), **result["metrics"]}
@@ -212,7 +212,7 @@ def model_card(spec: str, loaded, model_cfg: dict[str, Any], preprocess_cfg: dic
 
 
 def _metrics_section(title: str, m: dict) -> str:
-    from pipeline.metrics import METRIC_KEYS
+    from pipeline.core.metrics import METRIC_KEYS
 
     keys = [k for k in METRIC_KEYS if k in m]
     head = "| " + " | ".join(keys) + " |"

@@ -33,8 +33,8 @@ from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.pretrained import is_pretrained_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-from pipeline.atomic import file_sha256
-from pipeline.encode import weights_sha256
+from pipeline.core.atomic import file_sha256
+from pipeline.torchkit.encode import weights_sha256
 from student import pretrained
 from student.storage import STUDENT_FORMAT, read_student, save_student
 

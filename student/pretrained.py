@@ -54,9 +54,9 @@ from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-from pipeline import towers
-from pipeline.atomic import json_sha256
-from pipeline.towers import (
+from pipeline.core.atomic import json_sha256
+from pipeline.torchkit import towers
+from pipeline.torchkit.towers import (
     IMAGE_PACKAGE,
     TEXT_PACKAGE,
     TEXT_WEIGHTS,

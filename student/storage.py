@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "model.pt"

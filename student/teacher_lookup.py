@@ -200,9 +200,9 @@ def load_lookup(
     ``dataset`` is a ``pipeline.dataset.Dataset``; the source must be made for its fingerprint
     (the cache/candidates readers raise a ValueError naming the file otherwise).
     """
-    from pipeline.cache import load_scores
-    from pipeline.cache_entry import resolve_entry
-    from pipeline.candidates import load_candidates
+    from pipeline.core.cache import load_scores
+    from pipeline.core.cache_entry import resolve_entry
+    from pipeline.core.candidates import load_candidates
 
     train_images, _ = dataset.split("train")
     owner = dataset.captions["image_id"].to_numpy()

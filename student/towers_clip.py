@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CustomTextCLIP
 
-from pipeline.encode import weights_sha256
+from pipeline.torchkit.encode import weights_sha256
 
 __all__ = ["BUILDER_VERSION", "CONTEXT_LENGTH", "SPEC_NAME", "PretrainedTowersCLIP"]
 

@@ -34,9 +34,11 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline import tracking
-from pipeline.dataset import Dataset
-from pipeline.encode import (
+from pipeline.core import tracking
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import retrieval_metrics_from_ranks
+from pipeline.stages.evaluate import ranks_from_embeddings
+from pipeline.torchkit.encode import (
     autocast,
     encode_images,
     encode_texts,
@@ -44,8 +46,6 @@ from pipeline.encode import (
     pick_device,
     pixel_batches,
 )
-from pipeline.evaluate import ranks_from_embeddings
-from pipeline.metrics import retrieval_metrics_from_ranks
 from student.bank import NegativeBank
 from student.batch_loss import Delivery, DistillSettings, pool_positive, step_loss
 from student.checkpoint import METRICS, save_last, start

@@ -117,7 +117,7 @@ def check_config(cfg: StudentTrainConfig) -> None:
         ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
     ):
         _need(ok, f"{flag} must be {rule}, got {value}")
-    from pipeline.tracking import check_report_to
+    from pipeline.core.tracking import check_report_to
 
     check_report_to(cfg.report_to)
     p = cfg.valid_min_prob

@@ -39,10 +39,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import features
-from pipeline.atomic import json_sha256
-from pipeline.encode import autocast, pick_device
-from pipeline.towers import IMAGE_PACKAGE, TEXT_PACKAGE, dist_version, file_sha256
+from pipeline.core.atomic import json_sha256
+from pipeline.torchkit import features
+from pipeline.torchkit.encode import autocast, pick_device
+from pipeline.torchkit.towers import IMAGE_PACKAGE, TEXT_PACKAGE, dist_version, file_sha256
 from teacher.effnet_minilm_towers import (
     GRID,
     IMAGE_SIZE,

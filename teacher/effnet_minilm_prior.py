@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import features
-from pipeline.dataset import Dataset
-from pipeline.metrics import retrieval_metrics
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import retrieval_metrics
+from pipeline.torchkit import features
 from teacher.effnet_minilm import Prior
 from teacher.effnet_minilm_towers import Towers, pad_texts
 from teacher.losses import itc_loss

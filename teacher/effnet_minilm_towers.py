@@ -27,8 +27,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from pipeline import features, towers
-from pipeline.towers import IMAGE_PACKAGE, TEXT_PACKAGE, TEXT_WEIGHTS, file_sha256
+from pipeline.torchkit import features, towers
+from pipeline.torchkit.towers import IMAGE_PACKAGE, TEXT_PACKAGE, TEXT_WEIGHTS, file_sha256
 
 IMAGE_SIZE = 224
 GRID = 7  # the 224-pixel input's 7 x 7 feature map

@@ -36,10 +36,16 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from pipeline import atomic, features, tracking
-from pipeline.dataset import Dataset
-from pipeline.encode import autocast, pick_device
-from pipeline.metrics import i2t_ranks, retrieval_metrics, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.core import atomic, tracking
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import (
+    i2t_ranks,
+    retrieval_metrics,
+    retrieval_metrics_from_ranks,
+    t2i_ranks,
+)
+from pipeline.torchkit import features
+from pipeline.torchkit.encode import autocast, pick_device
 from teacher.effnet_minilm import (
     MODEL_FILE,
     TEACHER_JSON,

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval
 
-from pipeline.encode import autocast
-from pipeline.metrics import retrieval_metrics
+from pipeline.core.metrics import retrieval_metrics
+from pipeline.torchkit.encode import autocast
 from teacher.model import itm_logits
 
 

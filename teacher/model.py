@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-from pipeline.encode import autocast, pick_device, weights_sha256
+from pipeline.torchkit.encode import autocast, pick_device, weights_sha256
 
 log = logging.getLogger(__name__)
 

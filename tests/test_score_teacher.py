@@ -14,10 +14,10 @@ import torch
 from conftest import assert_error, run
 from PIL import Image
 
-from pipeline import cache
-from pipeline.candidates import load_candidates
-from pipeline.dataset import Dataset
-from pipeline.score import parse_shard_ids, resolve_rank, unique_pairs
+from pipeline.core import cache
+from pipeline.core.candidates import load_candidates
+from pipeline.core.dataset import Dataset
+from pipeline.stages.score import parse_shard_ids, resolve_rank, unique_pairs
 
 
 @pytest.fixture
@@ -284,7 +284,7 @@ def test_shard_ids_and_rank_parsing(monkeypatch):
 
 def test_rerank_matches_naive(small_dataset, teacher_dir, tmp_path):
     """evaluate --rerank-teacher equals a per-pair loop: top-K by cosine, then sorted by ITM score."""
-    from pipeline.candidates import load_embeddings
+    from pipeline.core.candidates import load_embeddings
     from teacher.model import load_teacher, score_pairs_naive
 
     k = 4

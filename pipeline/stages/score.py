@@ -18,10 +18,10 @@ import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic, cache, cache_verify
-from pipeline.candidates import load_candidates
-from pipeline.dataset import Dataset
-from pipeline.encode import worker_device
+from pipeline.core import atomic, cache, cache_verify
+from pipeline.core.candidates import load_candidates
+from pipeline.core.dataset import Dataset
+from pipeline.torchkit.encode import worker_device
 
 log = logging.getLogger(__name__)
 

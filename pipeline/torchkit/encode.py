@@ -124,7 +124,7 @@ def frozen_features(
     identity = identity(tower) if identity is not None else None
     if identity is None:
         return None
-    from pipeline.features import FeatureStore, file_keys, text_keys
+    from pipeline.torchkit.features import FeatureStore, file_keys, text_keys
 
     device = device or pick_device()
     if keys is None:

@@ -23,8 +23,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.schemas import (
+from pipeline.core import atomic
+from pipeline.core.schemas import (
     CAPTIONS_FILE,
     CAPTIONS_SCHEMA,
     DATASET_FORMAT,

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.dataset import Dataset
-from pipeline.encode import encode_split, pick_device
-from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.torchkit.encode import encode_split, pick_device
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.teacher_scores is not None:
         result["ranking_agreement"] = _agreement(cfg, ds, images, captions, img, cap)
     if cfg.rerank_teacher:
-        from pipeline.rerank import rerank_metrics
+        from pipeline.stages.rerank import rerank_metrics
         from teacher.model import load_teacher
 
         teacher = load_teacher(cfg.rerank_teacher, device=device)
@@ -103,9 +103,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
 def _agreement(cfg: EvalConfig, ds: Dataset, images, captions, img, cap) -> dict:
     """The student's agreement with the teacher on the split's cached candidates."""
-    from pipeline.agreement import ranking_agreement
-    from pipeline.cache import load_scores
-    from pipeline.cache_entry import resolve_entry
+    from pipeline.core.agreement import ranking_agreement
+    from pipeline.core.cache import load_scores
+    from pipeline.core.cache_entry import resolve_entry
 
     _, pairs = load_scores(resolve_entry(cfg.teacher_scores, ds.fingerprint), ds.fingerprint)
     got = ranking_agreement(

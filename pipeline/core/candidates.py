@@ -22,8 +22,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.schemas import (
+from pipeline.core import atomic
+from pipeline.core.schemas import (
     CANDIDATES_FILE,
     CANDIDATES_FORMAT,
     CANDIDATES_JSON,

@@ -11,9 +11,9 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
-from pipeline.score import score_pairs
-from pipeline.search import topk_search
+from pipeline.core.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.core.search import topk_search
+from pipeline.stages.score import score_pairs
 
 RERANK_SCORES = ("itm", "itm+itc")  # LAVIS ranks by itm+itc; cprd's default stays itm
 

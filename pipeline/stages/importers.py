@@ -20,9 +20,9 @@ import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic
-from pipeline.dataset import hash_bytes, write_dataset
-from pipeline.schemas import DATASET_JSON, SPLITS
+from pipeline.core import atomic
+from pipeline.core.dataset import hash_bytes, write_dataset
+from pipeline.core.schemas import DATASET_JSON, SPLITS
 
 log = logging.getLogger(__name__)
 

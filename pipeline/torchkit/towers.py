@@ -24,7 +24,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 __all__ = [
     "IMAGE_PACKAGE",
