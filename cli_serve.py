@@ -161,7 +161,7 @@ def export_cmd(student, out, overwrite, eval_data, eval_split, seed, as_json):
     \b
         cprd export runs/cprd --out exports/cprd
     """
-    from student.export import export_student
+    from pipeline.stages.export import export_student
 
     summary = export_student(
         student, out, overwrite=overwrite, eval_data=eval_data, eval_split=eval_split, seed=seed
