@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 from pipeline.core import tracking
 from pipeline.core.dataset import Dataset
-from pipeline.core.metrics import retrieval_metrics_from_ranks
-from pipeline.stages.evaluate import ranks_from_embeddings
+from pipeline.core.metrics import ranks_from_embeddings, retrieval_metrics_from_ranks
 from pipeline.torchkit.encode import (
     autocast,
     encode_images,
