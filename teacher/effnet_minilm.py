@@ -53,7 +53,7 @@ from teacher.effnet_minilm_towers import (
     image_keys,
     pad_texts,
 )
-from teacher.model import TeacherScores
+from teacher.scoring import TeacherScores
 
 log = logging.getLogger(__name__)
 

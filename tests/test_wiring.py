@@ -153,10 +153,10 @@ def test_rerank_itm_plus_itc_adds_the_cosine(small_dataset, tiny_teacher_dir):
 
     from pipeline.core.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
     from pipeline.stages.rerank import rerank_metrics
-    from pipeline.stages.score import score_pairs
     from pipeline.torchkit.encode import encode_split
     from student.models import load_model
     from teacher.model import load_teacher
+    from teacher.scoring import score_pairs
 
     ds = Dataset.load(small_dataset)
     images, captions = ds.split("train")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.core.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
 from pipeline.core.search import topk_search
-from pipeline.stages.score import score_pairs
+from teacher.scoring import score_pairs
 
 RERANK_SCORES = ("itm", "itm+itc")  # LAVIS ranks by itm+itc; cprd's default stays itm
 
