@@ -11,16 +11,7 @@ from pathlib import Path
 
 import click
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="End by printing one JSON line summarising the run."
-)
-
-
-def _emit(summary: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(summary, sort_keys=True) if as_json else human)
-
+from cli_common import CONTEXT, _emit, json_option
 
 # Every form of model spec student/models.py accepts (cli.py uses it too).
 STUDENT_HELP = (
