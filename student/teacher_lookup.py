@@ -169,25 +169,6 @@ def build_lookup(
     )
 
 
-def pairs_from_candidates(table: pl.DataFrame) -> pl.DataFrame:
-    """Candidates rows (both directions) as unique (image_id, caption_id, score, prob) pairs.
-
-    The score is the miner's cosine (the same for a pair reached from either direction); prob is
-    NaN, so a probability validity rule cannot be used with miner lists.
-    """
-    i2t = table.filter(pl.col("direction") == "i2t").select(
-        pl.col("query_id").alias("image_id"), pl.col("candidate_id").alias("caption_id"), "score"
-    )
-    t2i = table.filter(pl.col("direction") == "t2i").select(
-        pl.col("candidate_id").alias("image_id"), pl.col("query_id").alias("caption_id"), "score"
-    )
-    return (
-        pl.concat([i2t, t2i])
-        .unique(["image_id", "caption_id"], keep="first", maintain_order=True)
-        .with_columns(pl.lit(float("nan"), dtype=pl.Float32).alias("prob"))
-    )
-
-
 def load_lookup(
     dataset,
     hard_k: int,
@@ -202,7 +183,7 @@ def load_lookup(
     """
     from pipeline.core.cache import load_scores
     from pipeline.core.cache_entry import resolve_entry
-    from pipeline.core.candidates import load_candidates
+    from pipeline.core.candidates import candidate_pairs, load_candidates
 
     train_images, _ = dataset.split("train")
     owner = dataset.captions["image_id"].to_numpy()
@@ -220,7 +201,12 @@ def load_lookup(
                 f"{str(have)[:12]}, --data has {dataset.fingerprint[:12]}); mine this dataset "
                 "with `cprd mine-candidates`"
             )
-        pairs, source = pairs_from_candidates(table), "miner"
+        # the miner's cosine as the score (equal from either direction); no probability, so a
+        # probability validity rule cannot be used with miner lists
+        pairs = candidate_pairs(table, "score").with_columns(
+            pl.lit(float("nan"), dtype=pl.Float32).alias("prob")
+        )
+        source = "miner"
     else:
         raise ValueError("load_lookup needs teacher_scores or candidates")
     return build_lookup(

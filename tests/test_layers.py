@@ -23,7 +23,12 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("lint-imports")
     env = {**os.environ, "PYTHONPATH": str(root)}
     return subprocess.run(
-        [str(exe), "--no-cache", "--no-logo"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        [str(exe), "--no-cache", "--no-logo"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

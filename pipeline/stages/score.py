@@ -18,7 +18,7 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.core import atomic, cache, cache_verify
-from pipeline.core.candidates import load_candidates
+from pipeline.core.candidates import candidate_pairs, load_candidates
 from pipeline.core.dataset import Dataset
 from pipeline.torchkit.encode import worker_device
 from teacher.scoring import score_pairs
@@ -76,17 +76,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def unique_pairs(cand: pl.DataFrame) -> pl.DataFrame:
-    """The (image_id, caption_id) pairs of both directions, each once, sorted."""
-    i2t = cand.filter(pl.col("direction") == "i2t").select(
-        pl.col("query_id").alias("image_id"), pl.col("candidate_id").alias("caption_id")
-    )
-    t2i = cand.filter(pl.col("direction") == "t2i").select(
-        pl.col("candidate_id").alias("image_id"), pl.col("query_id").alias("caption_id")
-    )
-    return pl.concat([i2t, t2i]).unique().sort("image_id", "caption_id")
-
-
 def describe(values: np.ndarray) -> dict:
     """mean, std and quantiles of a score distribution (DESIGN 1: teacher vs miner shapes)."""
     v = np.asarray(values, dtype=np.float64)
@@ -135,7 +124,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
             f"dataset '{ds.root}' is not the one candidates '{cfg.candidates}' were "
             "mined from (fingerprints differ); pass the right --data"
         )
-    pairs = unique_pairs(cand)
+    pairs = candidate_pairs(cand)
     # one GPU per worker when launched as several processes (torchrun, srun): cuda:LOCAL_RANK
     device = worker_device(cfg.device)
     teacher = loaded_teacher or load_teacher(cfg.teacher, device=device)
