@@ -88,7 +88,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
             model, TINY_MODEL_CFG, spec, {"kind": "tiny", **_weights_hash(model, None)}
         )
     elif pretrained.is_spec(spec):
-        model, model_cfg, identity = pretrained.load_effnet_minilm(spec)
+        model, model_cfg, identity = pretrained.build_effnet_minilm(spec)
         loaded = _loaded(model, model_cfg, spec, identity)
     elif spec.startswith(("hf-hub:", "local-dir:")):
         loaded = _load_open_clip(spec, spec, None)

@@ -42,7 +42,7 @@ from torch import nn
 from pipeline.core.atomic import json_sha256
 from pipeline.torchkit import features
 from pipeline.torchkit.encode import autocast, pick_device
-from pipeline.torchkit.towers import IMAGE_PACKAGE, TEXT_PACKAGE, dist_version, file_sha256
+from pipeline.torchkit.towers import IMAGE_PACKAGE, TEXT_PACKAGE, cached_file_sha256, dist_version
 from teacher.effnet_minilm_towers import (
     GRID,
     IMAGE_SIZE,
@@ -289,7 +289,7 @@ class EffnetMiniLMTeacher:
         return TeacherScores(logits=logits, probs=[p.astype(np.float32) for p in probs])
 
 
-def describe(cfg: HeadConfig, tw: Towers) -> dict:
+def teacher_json(cfg: HeadConfig, tw: Towers) -> dict:
     """The ``cprd_teacher.json`` content of a head over these towers."""
     return {
         "kind": KIND,
@@ -347,7 +347,7 @@ def load_effnet_minilm(spec: str, device: str | torch.device | None = None) -> E
     # What the scores depend on (not the package versions: equal files compute the same).
     function = {k: meta.get(k) for k in ("format", "architecture", "max_text_length", *tw.hashes)}
     function["image_size"] = meta.get("image_size")
-    function["model_file_sha256"] = file_sha256(model_file)
+    function["model_file_sha256"] = cached_file_sha256(model_file)
     identity = {
         "spec": spec,
         "kind": KIND,
