@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # The demo's teacher, trained once by `cprd train-teacher` (about 20 minutes on 2 CPU cores:
 # longer than the whole demo may take) on a separate draw of the same generator; its README.md
 # has the two commands that rebuild it. Used only while its generator version is current.
-SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "data" / "demo-teacher"
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "demo-teacher"
 DEMO_MARKER = "demo.json"  # marks a directory as a demo run (a re-run may replace its stages)
 
 
