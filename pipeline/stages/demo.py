@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 
 from pipeline.core.dataset import Dataset
@@ -24,8 +25,10 @@ log = logging.getLogger(__name__)
 
 # The demo's teacher, trained once by `cprd train-teacher` (about 20 minutes on 2 CPU cores:
 # longer than the whole demo may take) on a separate draw of the same generator; its README.md
-# has the two commands that rebuild it. Used only while its generator version is current.
-SHIPPED_TEACHER = Path(__file__).resolve().parent / "demo-teacher"
+# has the two commands that rebuild it. Used only while its generator version is current. It
+# ships as package data (pyproject.toml) and is found through importlib.resources, so a
+# non-editable install finds it too (tests/test_package_data.py).
+SHIPPED_TEACHER = Path(str(resources.files("pipeline.stages") / "demo-teacher"))
 DEMO_MARKER = "demo.json"  # marks a directory as a demo run (a re-run may replace its stages)
 
 
