@@ -43,7 +43,7 @@ class FeatureRows(torch.utils.data.Dataset):
 
 def model_inputs(model, loaded, ds: Dataset, cfg: StudentTrainConfig, device, progress: bool):
     """(image dataset, caption encoder, frozen) a step feeds the model: pixels and token ids, or a
-    frozen tower's cached features (pipeline/features.py), computed here once for the whole run;
+    frozen tower's cached features (pipeline/torchkit/features.py), computed once for the whole run;
     ``frozen`` says per modality ("image", "caption") which of the two it is."""
     paths = [ds.image_path(p) for p in ds.images["path"].to_list()]
     texts = ds.captions["caption"].to_list()

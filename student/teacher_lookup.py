@@ -1,6 +1,6 @@
 """Each training query's cached hard negatives, by teacher score, as compact CSR arrays.
 
-Built once from a teacher cache (``pipeline.cache.load_scores``: one score per unique (image,
+Built once from a teacher cache (``pipeline.core.cache.load_scores``: one score per unique (image,
 caption) pair) or, for a control run without a teacher, from a candidates dir (the miner's cosine
 as the score, no probability). A query's cached candidates are every cached pair that contains
 it: for an image, all pairs with that image_id; for a caption, all pairs with that caption_id.
@@ -178,7 +178,7 @@ def load_lookup(
 ) -> TeacherLookup:
     """The lookup of a dataset's training split from a teacher cache, else a candidates dir.
 
-    ``dataset`` is a ``pipeline.dataset.Dataset``; the source must be made for its fingerprint
+    ``dataset`` is a ``pipeline.core.dataset.Dataset``; the source must be made for its fingerprint
     (the cache/candidates readers raise a ValueError naming the file otherwise).
     """
     from pipeline.core.cache import load_scores
@@ -188,7 +188,7 @@ def load_lookup(
     train_images, _ = dataset.split("train")
     owner = dataset.captions["image_id"].to_numpy()
     if teacher_scores is not None:
-        # a cache root is fine too: its entry for this dataset is picked (pipeline/cache_entry.py)
+        # a cache root is fine too: its entry for this dataset is picked (core/cache_entry.py)
         entry = resolve_entry(teacher_scores, dataset.fingerprint)
         _, pairs = load_scores(entry, dataset.fingerprint)
         source = "teacher"

@@ -48,7 +48,7 @@ class Embeddings:
 def write_candidates(out_dir: Path, table: pa.Table, emb: Embeddings, manifest: dict) -> dict:
     """Write candidates, embeddings and (last) the manifest with checksums into ``out_dir``.
 
-    ``out_dir`` is normally the temporary dir of :func:`pipeline.atomic.atomic_dir`.
+    ``out_dir`` is normally the temporary dir of :func:`pipeline.core.atomic.atomic_dir`.
     Returns the manifest as written.
     """
     out_dir = Path(out_dir)

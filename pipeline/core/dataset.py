@@ -74,7 +74,7 @@ def write_dataset(
 
     ``images`` has columns ``path, split, sha256`` (row i gets image_id i); ``captions`` has
     ``image_id, caption`` (row j gets caption_id j). ``out_dir`` is normally the temporary
-    directory of :func:`pipeline.atomic.atomic_dir`, so the whole dataset appears at once.
+    directory of :func:`pipeline.core.atomic.atomic_dir`, so the whole dataset appears at once.
     Raises ValueError for an empty dataset, an unknown split or a caption of a missing image.
     """
     if images.height == 0:

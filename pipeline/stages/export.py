@@ -33,7 +33,7 @@ from student.storage import STUDENT_JSON
 EXPORT_JSON = "export.json"
 CONFIG_FILE = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
 WEIGHTS_FILE = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
-# A Hugging Face text tower's architecture and tokenizer (pipeline/towers.py TEXT_FILES).
+# A Hugging Face text tower's architecture and tokenizer (pipeline/torchkit/towers.py TEXT_FILES).
 HF_TEXT_FILES = (
     "config.json",
     "special_tokens_map.json",

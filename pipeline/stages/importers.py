@@ -1,4 +1,4 @@
-"""Import image-caption collections into the canonical dataset layout (pipeline.dataset).
+"""Import image-caption collections into the canonical dataset layout (pipeline.core.dataset).
 
 Two sources: the Karpathy-split JSON that Flickr30K and COCO ship with, and a flat table
 (CSV, JSONL or Parquet) of (image path, caption[, split]) rows. Every referenced image is read

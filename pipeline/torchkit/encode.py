@@ -117,7 +117,7 @@ def frozen_features(
     they are known, as a dataset's ``images.sha256`` column is) or captions (keyed by text);
     ``to_batch``
     turns a list of them into the tower's input tensor (``pixel_batches(preprocess)`` or the
-    tokenizer). Only what the cache (pipeline/features.py, root ``cache``) lacks is computed;
+    tokenizer). Only what the cache (torchkit/features.py, root ``cache``) lacks is computed;
     hits and misses are logged.
     """
     identity = getattr(model, "feature_identity", None)
