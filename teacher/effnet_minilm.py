@@ -1,8 +1,8 @@
 """The ``effnet-minilm`` teacher: a cross-encoder over two frozen pretrained towers (DESIGN 6b).
 
 The towers are the ImageNet EfficientNet-Lite0 and MiniLM-L6 that ship in two PyPI packages
-(pipeline.torchkit.towers). Being frozen, they compute a fixed function: their outputs are cached on disk
-per image and caption (pipeline.torchkit.features); only the head below is trained and saved.
+(pipeline.torchkit.towers). Being frozen, they compute a fixed function: their outputs are cached
+on disk per image and caption (pipeline.torchkit.features); only the small head below trains.
 
 Letters in shape comments: N images, P pairs, V = 49 image tokens (7 x 7 grid), C = 1280 image
 channels, L caption tokens, T = 384 text width, E prior embedding width, D fusion width.
