@@ -11,16 +11,7 @@ from pathlib import Path
 
 import click
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="End by printing one JSON line summarising the run."
-)
-
-
-def _emit(summary: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(summary, sort_keys=True) if as_json else human)
-
+from cli_common import CONTEXT, _emit, json_option
 
 # Every form of model spec student/models.py accepts (cli.py uses it too).
 STUDENT_HELP = (
@@ -70,7 +61,7 @@ def encode_cmd(data, split, student, out, index, batch_size, seed, device, overw
     \b
         cprd encode --data data/demo --split test --student runs/cprd --out data/gallery
     """
-    from pipeline.gallery import EncodeConfig, encode_gallery
+    from pipeline.stages.gallery import EncodeConfig, encode_gallery
 
     if batch_size < 1:
         raise click.BadParameter(f"must be >= 1, got {batch_size}", param_hint="'--batch-size'")
@@ -117,7 +108,7 @@ def search_cmd(gallery, query, k, student, device, as_json):
     \b
         cprd search data/gallery "a red circle left of a blue square" -k 5
     """
-    from pipeline.gallery import search_gallery
+    from pipeline.stages.gallery import search_gallery
 
     results = search_gallery(gallery, list(query), k, student=student, device=device)
     if as_json:
@@ -161,7 +152,7 @@ def export_cmd(student, out, overwrite, eval_data, eval_split, seed, as_json):
     \b
         cprd export runs/cprd --out exports/cprd
     """
-    from student.export import export_student
+    from pipeline.stages.export import export_student
 
     summary = export_student(
         student, out, overwrite=overwrite, eval_data=eval_data, eval_split=eval_split, seed=seed

@@ -73,7 +73,7 @@ def temporaries(path: Path) -> int:
 
 
 def scores(cache_path: str):
-    from pipeline.cache import load_scores
+    from pipeline.core.cache import load_scores
 
     return load_scores(Path(cache_path))[1].sort("image_id", "caption_id")
 
@@ -88,7 +88,7 @@ def setup(work: Path) -> list:
     """Data, candidates and a tiny teacher; return the score-teacher command (no --cache-dir)."""
     import torch
 
-    from pipeline.dataset import Dataset
+    from pipeline.core.dataset import Dataset
     from teacher.tiny import build_tiny_teacher
 
     run(

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     seeds = 1 if args.quick else args.seeds
 
-    from pipeline.demo import PROFILES, DemoConfig, _done, _student, demo_teacher, run_demo
-    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.stages.demo import PROFILES, DemoConfig, _done, _student, demo_teacher, run_demo
+    from pipeline.stages.evaluate import EvalConfig, evaluate
 
     profile = "quick" if args.quick else "full"
     cfg = DemoConfig(out=args.out, profile=profile)

@@ -48,7 +48,7 @@ def _vectors(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def _run(gallery_size: int, queries: int, k: int, index: str, out: mp.Queue) -> None:
-    from pipeline.search import approximate_recall, topk_search
+    from pipeline.core.search import approximate_recall, topk_search
 
     g = _vectors(gallery_size, 128, 0)
     q = g[:queries] + 0.05 * _vectors(queries, 128, 1)  # each query has a near-duplicate
@@ -111,8 +111,8 @@ def _write_lookup_data(root: str, scale: float, k: int, shards: int, out: mp.Que
     """Child: a synthetic dataset and complete teacher cache under ``root``; put their sizes."""
     import polars as pl
 
-    from pipeline import cache
-    from pipeline.dataset import write_dataset
+    from pipeline.core import cache
+    from pipeline.core.dataset import write_dataset
 
     t_start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -203,8 +203,8 @@ def _measure_lookup(
     """Child: load the lookup as train-student does; time it, its peak memory and its use."""
     import polars as pl
 
-    from pipeline.cache import load_scores
-    from pipeline.dataset import Dataset
+    from pipeline.core.cache import load_scores
+    from pipeline.core.dataset import Dataset
     from student.sampler import BatchPlanner, batch_lists
     from student.teacher_lookup import load_lookup
 

@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["CPRD_FEATURE_CACHE"] = str((out / "features").resolve())
 
-    from pipeline.evaluate import EvalConfig, evaluate
-    from pipeline.mine import MineConfig, mine_candidates
-    from pipeline.score import ScoreConfig, score_teacher
+    from pipeline.stages.evaluate import EvalConfig, evaluate
+    from pipeline.stages.mine import MineConfig, mine_candidates
+    from pipeline.stages.score import ScoreConfig, score_teacher
     from teacher.train import train_teacher
     from teacher.train_config import TeacherTrainConfig
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _import(karpathy: Path, data: Path, p: Profile) -> dict:
     """The fixture, or (quick) the first ``p.fraction`` of each split, imported as a user would."""
-    from pipeline.importers import import_karpathy
+    from pipeline.stages.importers import import_karpathy
 
     source = karpathy
     if p.fraction < 1.0:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import atomic
+from pipeline.core import atomic
 from student.distributed import DistEnv, barrier
 from student.train_config import StudentTrainConfig, check_resumable, config_dict
 

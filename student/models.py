@@ -33,8 +33,8 @@ from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.pretrained import is_pretrained_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-from pipeline.atomic import file_sha256
-from pipeline.encode import weights_sha256
+from pipeline.core.atomic import file_sha256
+from pipeline.torchkit.encode import weights_sha256
 from student import pretrained
 from student.storage import STUDENT_FORMAT, read_student, save_student
 
@@ -88,7 +88,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
             model, TINY_MODEL_CFG, spec, {"kind": "tiny", **_weights_hash(model, None)}
         )
     elif pretrained.is_spec(spec):
-        model, model_cfg, identity = pretrained.load_effnet_minilm(spec)
+        model, model_cfg, identity = pretrained.build_effnet_minilm(spec)
         loaded = _loaded(model, model_cfg, spec, identity)
     elif spec.startswith(("hf-hub:", "local-dir:")):
         loaded = _load_open_clip(spec, spec, None)

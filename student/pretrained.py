@@ -54,16 +54,16 @@ from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-from pipeline import towers
-from pipeline.atomic import json_sha256
-from pipeline.towers import (
+from pipeline.core.atomic import json_sha256
+from pipeline.torchkit import towers
+from pipeline.torchkit.towers import (
     IMAGE_PACKAGE,
     TEXT_PACKAGE,
     TEXT_WEIGHTS,
     MissingPackageError,
     Package,
+    cached_file_sha256,
     dist_version,
-    file_sha256,
     map_efficientnet_lite0,
     text_files_sha256,
 )
@@ -78,7 +78,7 @@ __all__ = [
     "Package",
     "is_saved_cfg",
     "is_spec",
-    "load_effnet_minilm",
+    "build_effnet_minilm",
     "PretrainedTowersCLIP",
     "map_efficientnet_lite0",
     "package_path",
@@ -161,7 +161,7 @@ def is_saved_cfg(model_cfg: Mapping[str, Any]) -> bool:
     return CFG_KEY in model_cfg
 
 
-def load_effnet_minilm(spec: str) -> tuple[CustomTextCLIP, dict[str, Any], dict[str, Any]]:
+def build_effnet_minilm(spec: str) -> tuple[CustomTextCLIP, dict[str, Any], dict[str, Any]]:
     """Return (model, open_clip model config, identity) for an ``effnet-minilm`` spec, on CPU.
 
     The towers hold the packages' pretrained weights, the projections the seeded random init.
@@ -194,8 +194,8 @@ def load_effnet_minilm(spec: str) -> tuple[CustomTextCLIP, dict[str, Any], dict[
         ),
         "context_length": CONTEXT_LENGTH,
         "preprocess": preprocess_cfg,
-        "image_weights_sha256": file_sha256(image_file),
-        "text_weights_sha256": file_sha256(text_dir / TEXT_WEIGHTS),
+        "image_weights_sha256": cached_file_sha256(image_file),
+        "text_weights_sha256": cached_file_sha256(text_dir / TEXT_WEIGHTS),
         "text_files_sha256": model_cfg[CFG_KEY]["text_files_sha256"],
     }
     identity = {

@@ -8,7 +8,7 @@ Layout::
                   "image_size", "context_length", "weights_file", "weights_sha256", "train_cfg"}
                   written last, so its presence means the directory is complete
 
-Both files are written to a temporary name, fsynced and renamed (``pipeline.atomic``). The sha256
+Both files are written to a temporary name, fsynced and renamed (pipeline.core.atomic). The sha256
 of ``model.pt`` inside ``student.json`` catches a crash between the two renames of an overwrite.
 This module knows nothing about building models; ``student.models.load_student`` does that.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 STUDENT_JSON = "student.json"
 STUDENT_WEIGHTS = "model.pt"

@@ -1,6 +1,6 @@
 """Each training query's cached hard negatives, by teacher score, as compact CSR arrays.
 
-Built once from a teacher cache (``pipeline.cache.load_scores``: one score per unique (image,
+Built once from a teacher cache (``pipeline.core.cache.load_scores``: one score per unique (image,
 caption) pair) or, for a control run without a teacher, from a candidates dir (the miner's cosine
 as the score, no probability). A query's cached candidates are every cached pair that contains
 it: for an image, all pairs with that image_id; for a caption, all pairs with that caption_id.
@@ -169,25 +169,6 @@ def build_lookup(
     )
 
 
-def pairs_from_candidates(table: pl.DataFrame) -> pl.DataFrame:
-    """Candidates rows (both directions) as unique (image_id, caption_id, score, prob) pairs.
-
-    The score is the miner's cosine (the same for a pair reached from either direction); prob is
-    NaN, so a probability validity rule cannot be used with miner lists.
-    """
-    i2t = table.filter(pl.col("direction") == "i2t").select(
-        pl.col("query_id").alias("image_id"), pl.col("candidate_id").alias("caption_id"), "score"
-    )
-    t2i = table.filter(pl.col("direction") == "t2i").select(
-        pl.col("candidate_id").alias("image_id"), pl.col("query_id").alias("caption_id"), "score"
-    )
-    return (
-        pl.concat([i2t, t2i])
-        .unique(["image_id", "caption_id"], keep="first", maintain_order=True)
-        .with_columns(pl.lit(float("nan"), dtype=pl.Float32).alias("prob"))
-    )
-
-
 def load_lookup(
     dataset,
     hard_k: int,
@@ -197,17 +178,17 @@ def load_lookup(
 ) -> TeacherLookup:
     """The lookup of a dataset's training split from a teacher cache, else a candidates dir.
 
-    ``dataset`` is a ``pipeline.dataset.Dataset``; the source must be made for its fingerprint
+    ``dataset`` is a ``pipeline.core.dataset.Dataset``; the source must be made for its fingerprint
     (the cache/candidates readers raise a ValueError naming the file otherwise).
     """
-    from pipeline.cache import load_scores
-    from pipeline.cache_entry import resolve_entry
-    from pipeline.candidates import load_candidates
+    from pipeline.core.cache import load_scores
+    from pipeline.core.cache_entry import resolve_entry
+    from pipeline.core.candidates import candidate_pairs, load_candidates
 
     train_images, _ = dataset.split("train")
     owner = dataset.captions["image_id"].to_numpy()
     if teacher_scores is not None:
-        # a cache root is fine too: its entry for this dataset is picked (pipeline/cache_entry.py)
+        # a cache root is fine too: its entry for this dataset is picked (core/cache_entry.py)
         entry = resolve_entry(teacher_scores, dataset.fingerprint)
         _, pairs = load_scores(entry, dataset.fingerprint)
         source = "teacher"
@@ -220,7 +201,12 @@ def load_lookup(
                 f"{str(have)[:12]}, --data has {dataset.fingerprint[:12]}); mine this dataset "
                 "with `cprd mine-candidates`"
             )
-        pairs, source = pairs_from_candidates(table), "miner"
+        # the miner's cosine as the score (equal from either direction); no probability, so a
+        # probability validity rule cannot be used with miner lists
+        pairs = candidate_pairs(table, "score").with_columns(
+            pl.lit(float("nan"), dtype=pl.Float32).alias("prob")
+        )
+        source = "miner"
     else:
         raise ValueError("load_lookup needs teacher_scores or candidates")
     return build_lookup(

@@ -3,7 +3,7 @@
 ``PretrainedTowersCLIP`` is open_clip's ``CustomTextCLIP`` (same modules, same state dict) with
 what frozen pretrained towers need: frozen layers that stay in eval mode, and a feature path
 (``tower_features`` / ``feature_identity``) that lets callers cache a frozen tower's output
-(pipeline/features.py) and feed it back in place of pixels or token ids.
+(pipeline/torchkit/features.py) and feed it back in place of pixels or token ids.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CustomTextCLIP
 
-from pipeline.encode import weights_sha256
+from pipeline.torchkit.encode import weights_sha256
 
 __all__ = ["BUILDER_VERSION", "CONTEXT_LENGTH", "SPEC_NAME", "PretrainedTowersCLIP"]
 
@@ -31,7 +31,7 @@ class PretrainedTowersCLIP(CustomTextCLIP):
     row before the text tower (the tokenizer pads to ``CONTEXT_LENGTH``; most captions are half
     as long): the attention and the pooling mask padding, so the result is the same.
 
-    A frozen tower's output can be computed once and cached (pipeline/features.py):
+    A frozen tower's output can be computed once and cached (pipeline/torchkit/features.py):
     ``tower_features("image", pixels)`` is the image trunk's pooled output (N, 1280) and
     ``tower_features("text", tokens)`` the MiniLM tower's mean-pooled states (N, 384), both taken
     before the trainable projection; ``encode_image`` and ``encode_text`` accept such a floating

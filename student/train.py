@@ -30,22 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline import tracking
-from pipeline.dataset import Dataset
-from pipeline.encode import (
+from pipeline.core import tracking
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import ranks_from_embeddings, retrieval_metrics_from_ranks
+from pipeline.torchkit.encode import (
     autocast,
     encode_images,
     encode_texts,
-    frozen_features,
     pick_device,
-    pixel_batches,
 )
-from pipeline.evaluate import ranks_from_embeddings
-from pipeline.metrics import retrieval_metrics_from_ranks
 from student.bank import NegativeBank
 from student.batch_loss import Delivery, DistillSettings, pool_positive, step_loss
 from student.checkpoint import METRICS, save_last, start
@@ -56,6 +52,7 @@ from student.distributed import (
     init_distributed,
     my_slice,
 )
+from student.inputs import ImageFiles, model_inputs
 from student.models import load_model, save_student
 from student.sampler import BatchPlanner, batch_lists
 from student.teacher_lookup import TeacherLookup, load_lookup
@@ -88,57 +85,6 @@ def make_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.opt
     ]
     # foreach: one kernel per step for all tensors, twice as fast as the per-tensor loop on CPU.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
-
-
-class _Pixels(torch.utils.data.Dataset):
-    """Image id -> preprocessed (3, H, W) tensor."""
-
-    def __init__(self, ds: Dataset, preprocess):
-        self.paths = [ds.image_path(p) for p in ds.images["path"].to_list()]
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, image_id: int) -> torch.Tensor:
-        with Image.open(self.paths[image_id]) as img:
-            return self.preprocess(img.convert("RGB"))
-
-
-class _Rows(torch.utils.data.Dataset):
-    """Image id -> its row of precomputed frozen-tower features (F,)."""
-
-    def __init__(self, features: np.ndarray):
-        self.features = torch.from_numpy(features)
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, image_id: int) -> torch.Tensor:
-        return self.features[image_id]
-
-
-def _inputs(model, loaded, ds: Dataset, cfg: StudentTrainConfig, device, progress: bool):
-    """(image dataset, caption encoder, frozen) a step feeds the model: pixels and token ids, or a
-    frozen tower's cached features (pipeline/features.py), computed here once for the whole run;
-    ``frozen`` says per modality ("image", "caption") which of the two it is."""
-    paths = [ds.image_path(p) for p in ds.images["path"].to_list()]
-    texts = ds.captions["caption"].to_list()
-    kw = {"device": device, "progress": progress, "cache": cfg.feature_cache}
-    pixels = pixel_batches(loaded.preprocess)
-    keys = ds.images["sha256"].to_list()  # the files' sha256, recorded at import
-    img = frozen_features(model, "image", paths, pixels, batch_size=cfg.batch_size, keys=keys, **kw)
-    txt = frozen_features(
-        model, "text", texts, loaded.tokenizer, batch_size=4 * cfg.batch_size, **kw
-    )
-    images = _Pixels(ds, loaded.preprocess) if img is None else _Rows(img)
-
-    def captions(ids) -> torch.Tensor:
-        if txt is None:
-            return loaded.tokenizer([texts[c] for c in ids])  # (Pc, L)
-        return torch.from_numpy(txt[np.asarray(ids, dtype=np.int64)])  # (Pc, F)
-
-    return images, captions, {"image": img is not None, "caption": txt is not None}
 
 
 def _make_bank(model, loaded, ds: Dataset, cfg: StudentTrainConfig, live: dict, device):
@@ -276,14 +222,14 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
         settings = DistillSettings(
             cfg.loss, cfg.lam, cfg.tau, cfg.tau_teacher, top, min_prob, cfg.itc_negatives
         )
-        pixels, caption_inputs, frozen = _inputs(
+        pixels, caption_inputs, frozen = model_inputs(
             model, loaded, ds, cfg, env.device, progress and env.main
         )
         # A modality's extras are encoded in the step when asked (explicit) or when its tower is
         # frozen (only the heads run: cheap and exact); otherwise they come from the bank.
         live = {m: negatives != "bank" or frozen[m] for m in ("image", "caption")}
         bank = _make_bank(model, loaded, ds, cfg, live, env.device)
-        workers = cfg.num_workers if isinstance(pixels, _Pixels) else 0
+        workers = cfg.num_workers if isinstance(pixels, ImageFiles) else 0
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         t_start = time.time()
 

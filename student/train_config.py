@@ -55,7 +55,7 @@ class StudentTrainConfig:
     device: str | None = None  # None: CUDA when present, else CPU
     num_workers: int = 2  # image-decoding worker processes per rank
     feature_cache: Path | None = None  # frozen towers' feature cache; None: $CPRD_FEATURE_CACHE
-    # or ~/.cache/cprd/features (pipeline/features.py)
+    # or ~/.cache/cprd/features (pipeline/torchkit/features.py)
     val_every: int = 1  # validate every N epochs (and always after the last)
     log_every: int = 10  # steps between "train" lines in metrics.jsonl
     report_to: str = "none"  # none | tensorboard: metrics.jsonl's numbers also to OUT/tensorboard
@@ -117,7 +117,7 @@ def check_config(cfg: StudentTrainConfig) -> None:
         ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
     ):
         _need(ok, f"{flag} must be {rule}, got {value}")
-    from pipeline.tracking import check_report_to
+    from pipeline.core.tracking import check_report_to
 
     check_report_to(cfg.report_to)
     p = cfg.valid_min_prob

@@ -1,8 +1,8 @@
 """The ``effnet-minilm`` teacher: a cross-encoder over two frozen pretrained towers (DESIGN 6b).
 
 The towers are the ImageNet EfficientNet-Lite0 and MiniLM-L6 that ship in two PyPI packages
-(pipeline.towers). Being frozen, they compute a fixed function: their outputs are cached on disk
-per image and per caption (pipeline.features) and only the small head below trains and is saved.
+(pipeline.torchkit.towers). Being frozen, they compute a fixed function: their outputs are cached
+on disk per image and caption (pipeline.torchkit.features); only the small head below trains.
 
 Letters in shape comments: N images, P pairs, V = 49 image tokens (7 x 7 grid), C = 1280 image
 channels, L caption tokens, T = 384 text width, E prior embedding width, D fusion width.
@@ -39,10 +39,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import features
-from pipeline.atomic import json_sha256
-from pipeline.encode import autocast, pick_device
-from pipeline.towers import IMAGE_PACKAGE, TEXT_PACKAGE, dist_version, file_sha256
+from pipeline.core.atomic import json_sha256
+from pipeline.torchkit import features
+from pipeline.torchkit.encode import autocast, pick_device
+from pipeline.torchkit.towers import IMAGE_PACKAGE, TEXT_PACKAGE, cached_file_sha256, dist_version
 from teacher.effnet_minilm_towers import (
     GRID,
     IMAGE_SIZE,
@@ -53,7 +53,7 @@ from teacher.effnet_minilm_towers import (
     image_keys,
     pad_texts,
 )
-from teacher.model import TeacherScores
+from teacher.scoring import TeacherScores
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class EffnetMiniLMTeacher:
         return TeacherScores(logits=logits, probs=[p.astype(np.float32) for p in probs])
 
 
-def describe(cfg: HeadConfig, tw: Towers) -> dict:
+def teacher_json(cfg: HeadConfig, tw: Towers) -> dict:
     """The ``cprd_teacher.json`` content of a head over these towers."""
     return {
         "kind": KIND,
@@ -347,7 +347,7 @@ def load_effnet_minilm(spec: str, device: str | torch.device | None = None) -> E
     # What the scores depend on (not the package versions: equal files compute the same).
     function = {k: meta.get(k) for k in ("format", "architecture", "max_text_length", *tw.hashes)}
     function["image_size"] = meta.get("image_size")
-    function["model_file_sha256"] = file_sha256(model_file)
+    function["model_file_sha256"] = cached_file_sha256(model_file)
     identity = {
         "spec": spec,
         "kind": KIND,

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import features
-from pipeline.dataset import Dataset
-from pipeline.metrics import retrieval_metrics
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import retrieval_metrics
+from pipeline.torchkit import features
 from teacher.effnet_minilm import Prior
 from teacher.effnet_minilm_towers import Towers, pad_texts
-from teacher.losses import itc_loss
+from teacher.losses import blip_itc_loss
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def fit_prior(
             image = F.normalize(prior.image_proj(pooled[imgs]), dim=-1)  # (B, E)
             text = F.normalize(prior.text_proj(text_mean[caps]), dim=-1)  # (B, E)
             sim = image @ text.t() / cfg.itc_temperature  # (B, B)
-            loss = itc_loss(sim, positive[caps][:, imgs].t())
+            loss = blip_itc_loss(sim, positive[caps][:, imgs].t())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

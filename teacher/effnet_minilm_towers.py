@@ -27,8 +27,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from pipeline import features, towers
-from pipeline.towers import IMAGE_PACKAGE, TEXT_PACKAGE, TEXT_WEIGHTS, file_sha256
+from pipeline.torchkit import features, towers
+from pipeline.torchkit.towers import IMAGE_PACKAGE, TEXT_PACKAGE, TEXT_WEIGHTS, cached_file_sha256
 
 IMAGE_SIZE = 224
 GRID = 7  # the 224-pixel input's 7 x 7 feature map
@@ -46,8 +46,8 @@ class Towers:
         self.text_dir = towers.package_path(TEXT_PACKAGE, needed_by=NEEDED_BY)
         self.device = torch.device(device)
         self.hashes = {
-            "image_weights_sha256": file_sha256(self.image_file),
-            "text_weights_sha256": file_sha256(self.text_dir / TEXT_WEIGHTS),
+            "image_weights_sha256": cached_file_sha256(self.image_file),
+            "text_weights_sha256": cached_file_sha256(self.text_dir / TEXT_WEIGHTS),
             "text_files_sha256": towers.text_files_sha256(self.text_dir),
         }
         self.preprocess = image_transform(

@@ -36,17 +36,23 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from pipeline import atomic, features, tracking
-from pipeline.dataset import Dataset
-from pipeline.encode import autocast, pick_device
-from pipeline.metrics import i2t_ranks, retrieval_metrics, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.core import atomic, tracking
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import (
+    i2t_ranks,
+    retrieval_metrics,
+    retrieval_metrics_from_ranks,
+    t2i_ranks,
+)
+from pipeline.torchkit import features
+from pipeline.torchkit.encode import autocast, pick_device
 from teacher.effnet_minilm import (
     MODEL_FILE,
     TEACHER_JSON,
     EffnetMiniLMHead,
     HeadConfig,
-    describe,
     score_pairs_batched,
+    teacher_json,
 )
 from teacher.effnet_minilm_prior import (
     FoldPriors,
@@ -351,7 +357,7 @@ def _save(cfg, out: Path, head: EffnetMiniLMHead, tw: Towers, history: list[dict
     with atomic.atomic_dir(out, overwrite=cfg.overwrite, expect=TEACHER_JSON) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         atomic.write_bytes(tmp / MODEL_FILE, safetensors_bytes(state))
-        atomic.write_json(tmp / TEACHER_JSON, describe(head.cfg, tw))
+        atomic.write_json(tmp / TEACHER_JSON, teacher_json(head.cfg, tw))
         atomic.write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
         atomic.write_bytes(tmp / "metrics.jsonl", lines.encode())

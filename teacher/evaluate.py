@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval
 
-from pipeline.encode import autocast
-from pipeline.metrics import retrieval_metrics
+from pipeline.core.metrics import retrieval_metrics
+from pipeline.torchkit.encode import autocast
 from teacher.model import itm_logits
 
 
 @torch.no_grad()
-def encode_split(
+def encode_blip(
     model: BlipForImageTextRetrieval,
     load_pixels: Callable[[np.ndarray], torch.Tensor],
     n_images: int,
@@ -54,7 +54,7 @@ def encode_split(
 
 
 @torch.no_grad()
-def score_pairs(
+def score_rows(
     model: BlipForImageTextRetrieval,
     image_embeds: torch.Tensor,
     tokens: dict[str, torch.Tensor],
@@ -101,7 +101,7 @@ def evaluate_teacher(
     """
     model.eval()
     n = neighbours.shape[0]
-    embeds, img_feat, txt_feat = encode_split(model, load_pixels, n, tokens, batch_size, device)
+    embeds, img_feat, txt_feat = encode_blip(model, load_pixels, n, tokens, batch_size, device)
     sim = (img_feat @ txt_feat.t()).cpu()  # (N, M)
     out = {f"itc_{key}": v for key, v in retrieval_metrics(sim, caption_image).items()}
 
@@ -117,7 +117,7 @@ def evaluate_teacher(
     wanted |= {(int(j), c) for i in range(n) for j in hood[i] for c in captions_of[i]}
     wanted |= {(i, int(c)) for i in range(n) for j in hood[i] for c in captions_of[j]}
     pairs = np.array(sorted(wanted), dtype=np.int64).reshape(-1, 2)
-    logits = score_pairs(model, embeds, tokens, pairs, batch_size, device)
+    logits = score_rows(model, embeds, tokens, pairs, batch_size, device)
     lookup = dict(zip(map(tuple, pairs.tolist()), logits.tolist(), strict=True))
 
     def itm(images: np.ndarray, captions: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from transformers import BlipForImageTextRetrieval
 from teacher.model import itm_logits
 
 
-def itc_loss(sim_i2t: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+def blip_itc_loss(sim_i2t: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """L = (CE(sim_i2t, P) + CE(sim_i2t^T, P^T)) / 2, with soft targets P = positive / row sum.
 
     ``sim_i2t`` (B, B) holds temperature-scaled similarities of image i and caption j;
@@ -82,7 +82,7 @@ def blip_losses(
     image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)  # (B, E)
     text_feat = F.normalize(model.text_proj(text_cls), dim=-1)  # (B, E)
     sim_i2t = image_feat @ text_feat.t() / temperature  # (B, B)
-    itc = itc_loss(sim_i2t, positive)
+    itc = blip_itc_loss(sim_i2t, positive)
 
     # Hard negatives, mined from the model's own contrastive similarities: for each image a
     # caption it confuses, for each caption an image it confuses.

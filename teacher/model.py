@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-from pipeline.encode import autocast, pick_device, weights_sha256
+from pipeline.torchkit.encode import autocast, pick_device, weights_sha256
+from teacher.scoring import TeacherScores
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ class LoadedTeacher:
     def max_text_length(self) -> int:
         """Captions are truncated to this many tokens (special tokens included)."""
         return self.identity["preprocessing"]["max_text_length"]
+
+    def score_grouped(
+        self, images: list[Image.Image], captions: list[list[str]], batch_size: int = 64
+    ) -> TeacherScores:
+        """``score_grouped`` below: the method every teacher kind has (teacher.scoring)."""
+        return score_grouped(self, images, captions, batch_size=batch_size)
 
 
 def _fail(spec: str, reason: str) -> ValueError:
@@ -153,14 +160,6 @@ def load_teacher(spec: str, device: str | torch.device | None = None) -> LoadedT
 # ---- scoring -------------------------------------------------------------------------------------
 # Letters in shape comments: N images, P pairs in one text batch, V image tokens, D hidden width,
 # L tokens.
-
-
-@dataclass(frozen=True)
-class TeacherScores:
-    """Per image, one float32 array over its captions (in the order given)."""
-
-    logits: list[np.ndarray]  # raw ITM "match" logit, itm_head column 1 (what re-ranking uses)
-    probs: list[np.ndarray]  # softmax(itm_head)[:, 1], the match probability
 
 
 def _tokenize(teacher: LoadedTeacher, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic, tracking
-from pipeline.dataset import Dataset
-from pipeline.encode import autocast, pick_device
+from pipeline.core import atomic, tracking
+from pipeline.core.dataset import Dataset
+from pipeline.torchkit.encode import autocast, pick_device
 from teacher.batches import lexical_neighbours, neighbour_batches
 from teacher.evaluate import evaluate_teacher
 from teacher.losses import blip_losses

@@ -71,7 +71,7 @@ class TeacherTrainConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def __post_init__(self) -> None:
-        from pipeline.tracking import check_report_to
+        from pipeline.core.tracking import check_report_to
 
         check_report_to(self.report_to)
 

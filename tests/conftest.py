@@ -116,7 +116,7 @@ def assert_error(result: Result, *fragments: str) -> str:
 @pytest.fixture(scope="session")
 def demo_dataset_master(tmp_path_factory) -> Path:
     """One small demo dataset built once per session; use `demo_dataset` for a private copy."""
-    from pipeline.demo_data import generate_demo_data
+    from pipeline.stages.demo_data import generate_demo_data
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     generate_demo_data(
@@ -143,7 +143,7 @@ def demo_dataset(demo_dataset_master: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """A 3-split dataset of 24 real PNG files, 2-3 captions each, imported the real way (read-only)."""
-    from pipeline.importers import build_dataset
+    from pipeline.stages.importers import build_dataset
 
     base = tmp_path_factory.mktemp("small")
     colours = ["red", "green", "blue", "yellow"]
@@ -164,7 +164,7 @@ def tiny_teacher_dir(small_dataset, tmp_path_factory) -> Path:
     """A tiny, randomly initialised BLIP ITM model saved with save_pretrained (read-only)."""
     import torch
 
-    from pipeline.dataset import Dataset
+    from pipeline.core.dataset import Dataset
     from teacher.tiny import build_tiny_teacher
 
     torch.manual_seed(0)

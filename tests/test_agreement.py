@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from scipy.stats import kendalltau
 
-from pipeline.agreement import ranking_agreement
+from pipeline.core.agreement import ranking_agreement
 
 
 def naive_ndcg(student: list[float], gain: list[float], at: int = 10) -> float:
@@ -86,8 +86,8 @@ def test_evaluate_reports_agreement_on_a_scored_split(small_dataset, tiny_teache
     is a one-line error."""
     from conftest import assert_error, mine_and_score, run
 
-    from pipeline import cache
-    from pipeline.candidates import load_embeddings
+    from pipeline.core import cache
+    from pipeline.core.candidates import load_embeddings
 
     entry = mine_and_score(tmp_path, small_dataset, tiny_teacher_dir, 3, 2, split="val")
     result = run(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_error, mine_and_score, run
 
-from pipeline import cache
+from pipeline.core import cache
 
 SHARDS = 4
 

@@ -65,12 +65,12 @@ def test_usage_errors_are_one_line():
 
 def test_unexpected_errors(monkeypatch):
     """A bug surfaces as one line that says so; --debug re-raises it with the traceback."""
-    import pipeline.dataset
+    import pipeline.core.dataset
 
     def boom(*_a, **_k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(pipeline.dataset.Dataset, "load", boom)
+    monkeypatch.setattr(pipeline.core.dataset.Dataset, "load", boom)
     line = assert_error(run("data-info", "x"), "unexpected RuntimeError", "kaboom", "--debug")
     assert "\n" not in line
     result = run("--debug", "data-info", "x")
@@ -79,12 +79,12 @@ def test_unexpected_errors(monkeypatch):
 
 def test_multiline_messages_collapse(monkeypatch):
     """An exception message spanning lines still prints as one Error line."""
-    import pipeline.dataset
+    import pipeline.core.dataset
 
     def bad(*_a, **_k):
         raise ValueError("first\nsecond")
 
-    monkeypatch.setattr(pipeline.dataset.Dataset, "load", bad)
+    monkeypatch.setattr(pipeline.core.dataset.Dataset, "load", bad)
     assert assert_error(run("data-info", "x")) == "Error: first second"
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.demo import DemoConfig, run_demo
-from pipeline.metrics import METRIC_KEYS
+from pipeline.core.metrics import METRIC_KEYS
+from pipeline.stages.demo import DemoConfig, run_demo
 
 
 def test_demo_smoke_then_rerun(tmp_path):
@@ -50,9 +50,9 @@ def test_shipped_teacher_binds(tmp_path):
     """
     from PIL import Image
 
-    from pipeline.dataset import Dataset
-    from pipeline.demo import _shipped_teacher
-    from pipeline.demo_data import GROUP_SIZE, generate_demo_data
+    from pipeline.core.dataset import Dataset
+    from pipeline.stages.demo import _shipped_teacher
+    from pipeline.stages.demo_data import GROUP_SIZE, generate_demo_data
     from teacher.model import load_teacher, score_grouped
 
     shipped = _shipped_teacher()
@@ -77,8 +77,8 @@ def test_shipped_teacher_binds(tmp_path):
 
 def test_a_new_generator_version_invalidates_data_and_shipped_teacher(tmp_path, monkeypatch):
     """Data or a teacher made by an older generator is never reused as if current."""
-    import pipeline.demo_data as demo_data
-    from pipeline.demo import PROFILES, _same_data, _shipped_teacher
+    import pipeline.stages.demo_data as demo_data
+    from pipeline.stages.demo import PROFILES, _same_data, _shipped_teacher
 
     p = PROFILES["smoke"]
     cfg = DemoConfig(out=tmp_path, profile="smoke")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import demo_data
-from pipeline.dataset import Dataset
-from pipeline.demo_data import COLOURS, GROUP_SIZE, generate_demo_data
+from pipeline.core.dataset import Dataset
+from pipeline.stages import demo_data
+from pipeline.stages.demo_data import COLOURS, GROUP_SIZE, generate_demo_data
 
 SMALL = {"train_images": 8, "val_images": 4, "test_images": 4, "progress": False}
 # Template 0 of each axis: "a <colour> <shape> to the left of / above a <colour> <shape>".

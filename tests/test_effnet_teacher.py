@@ -17,7 +17,7 @@ from conftest import assert_error, mine_and_score, run  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from pipeline.towers import MissingPackageError, Package  # noqa: E402
+from pipeline.torchkit.towers import MissingPackageError, Package  # noqa: E402
 from teacher import effnet_minilm as em  # noqa: E402
 from teacher import effnet_minilm_towers  # noqa: E402
 from teacher.effnet_minilm import Prior  # noqa: E402

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run
 
-from pipeline import cache
+from pipeline.core import cache
 
 ROOT = Path(__file__).resolve().parents[1]
 

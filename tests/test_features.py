@@ -10,9 +10,9 @@ import torch
 from conftest import run
 from PIL import Image
 
-from pipeline.dataset import Dataset
-from pipeline.encode import encode_images, encode_texts, frozen_features
-from pipeline.features import FeatureStore, file_keys, image_key, text_keys
+from pipeline.core.dataset import Dataset
+from pipeline.torchkit.encode import encode_images, encode_texts, frozen_features
+from pipeline.torchkit.features import FeatureStore, file_keys, image_key, text_keys
 from student.models import load_model, load_student, save_student
 
 CAPTIONS = ["a dog runs on the grass .", "two children play in the water", "a red car"]

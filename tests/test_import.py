@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from conftest import assert_error, run, write_image
 
-from pipeline.dataset import Dataset
+from pipeline.core.dataset import Dataset
 
 
 def import_karpathy(karpathy, out: Path, *extra: str):

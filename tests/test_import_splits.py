@@ -5,8 +5,8 @@ from __future__ import annotations
 import polars as pl
 from conftest import assert_error, run, write_image
 
-from pipeline.dataset import Dataset
-from pipeline.importers import random_splits
+from pipeline.core.dataset import Dataset
+from pipeline.stages.importers import random_splits
 
 
 def _table(tmp_path, n: int = 20, split: bool = False):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import (
+from pipeline.core.metrics import (
     METRIC_KEYS,
     i2t_ranks,
     retrieval_metrics,

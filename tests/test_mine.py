@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import assert_error, run
 
-from pipeline.candidates import load_candidates, load_embeddings
-from pipeline.dataset import Dataset
-from pipeline.metrics import retrieval_metrics
+from pipeline.core.candidates import load_candidates, load_embeddings
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import retrieval_metrics
 
 
 def mine(data: Path, out: Path, *extra) -> dict:

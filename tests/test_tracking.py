@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_error, run
 
-from pipeline.tracking import scalars
+from pipeline.core.tracking import scalars
 
 pytest.importorskip("tensorboard")
 

@@ -21,9 +21,9 @@ import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import cache  # noqa: E402
-from pipeline.candidates import Embeddings, write_candidates  # noqa: E402
-from pipeline.dataset import Dataset  # noqa: E402
+from pipeline.core import cache  # noqa: E402
+from pipeline.core.candidates import Embeddings, write_candidates  # noqa: E402
+from pipeline.core.dataset import Dataset  # noqa: E402
 from student.losses import LOSS_NAMES  # noqa: E402
 from student.models import build_from_cfg, load_model, save_student  # noqa: E402
 from student.sampler import BatchPlanner, batch_lists  # noqa: E402

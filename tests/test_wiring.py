@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from conftest import assert_error, mine_and_score, run
 
-from pipeline.cache_entry import resolve_entry
-from pipeline.dataset import Dataset
+from pipeline.core.cache_entry import resolve_entry
+from pipeline.core.dataset import Dataset
 from student.train_config import StudentTrainConfig, ignored_flags
 
 
@@ -151,12 +151,12 @@ def test_rerank_itm_plus_itc_adds_the_cosine(small_dataset, tiny_teacher_dir):
     import numpy as np
     import torch
 
-    from pipeline.encode import encode_split
-    from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
-    from pipeline.rerank import rerank_metrics
-    from pipeline.score import score_pairs
+    from pipeline.core.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+    from pipeline.stages.rerank import rerank_metrics
+    from pipeline.torchkit.encode import encode_split
     from student.models import load_model
     from teacher.model import load_teacher
+    from teacher.scoring import score_pairs
 
     ds = Dataset.load(small_dataset)
     images, captions = ds.split("train")

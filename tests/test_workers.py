@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from conftest import run
 
-from pipeline import cache
-from pipeline.encode import worker_device
+from pipeline.core import cache
+from pipeline.torchkit.encode import worker_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,17 +15,20 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 
-from pipeline.dataset import Dataset
-from pipeline.schemas import CANDIDATES_JSON, DATASET_JSON
+from pipeline.core.dataset import Dataset
+from pipeline.core.schemas import CANDIDATES_JSON, DATASET_JSON
 
 log = logging.getLogger(__name__)
 
 # The demo's teacher, trained once by `cprd train-teacher` (about 20 minutes on 2 CPU cores:
 # longer than the whole demo may take) on a separate draw of the same generator; its README.md
-# has the two commands that rebuild it. Used only while its generator version is current.
-SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "data" / "demo-teacher"
+# has the two commands that rebuild it. Used only while its generator version is current. It
+# ships as package data (pyproject.toml) and is found through importlib.resources, so a
+# non-editable install finds it too (tests/test_package_data.py).
+SHIPPED_TEACHER = Path(str(resources.files("pipeline.stages") / "demo-teacher"))
 DEMO_MARKER = "demo.json"  # marks a directory as a demo run (a re-run may replace its stages)
 
 
@@ -148,10 +151,10 @@ def _student(cfg: DemoConfig, p: DemoProfile, out: Path, **kw):
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or finish) the demo under ``cfg.out``; return the report dict (also written)."""
-    from pipeline.demo_data import generate_demo_data
-    from pipeline.evaluate import EvalConfig, evaluate
-    from pipeline.mine import MineConfig, mine_candidates
-    from pipeline.score import ScoreConfig, score_teacher
+    from pipeline.stages.demo_data import generate_demo_data
+    from pipeline.stages.evaluate import EvalConfig, evaluate
+    from pipeline.stages.mine import MineConfig, mine_candidates
+    from pipeline.stages.score import ScoreConfig, score_teacher
     from teacher.train import train_teacher
     from teacher.train_config import TeacherTrainConfig
 
@@ -269,7 +272,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         }
     )
 
-    from pipeline.report import write_report
+    from pipeline.stages.report import write_report
 
     return write_report(out, rows, stages.records, score, profile=cfg.profile)
 
@@ -280,7 +283,7 @@ def _claim(out: Path) -> None:
     A re-run deletes stale stages under ``out`` (teacher/, students/, candidates/), so a
     directory that no demo wrote, such as a dataset, must never be taken for one.
     """
-    from pipeline.atomic import check_out, write_json
+    from pipeline.core.atomic import check_out, write_json
 
     if not out.exists():
         check_out(out)  # names a parent that is a file
@@ -303,7 +306,7 @@ def demo_teacher(out: Path, p: DemoProfile) -> tuple[Path, bool]:
 
 def _shipped_teacher() -> Path | None:
     """The shipped demo teacher, or None (with a warning) when it is absent or out of date."""
-    from pipeline.demo_data import GENERATOR_VERSION
+    from pipeline.stages.demo_data import GENERATOR_VERSION
 
     marker = SHIPPED_TEACHER / "demo_teacher.json"
     if not marker.is_file():
@@ -328,7 +331,7 @@ def _same_data(data: Path, cfg: DemoConfig, p: DemoProfile) -> bool:
     """True when ``data`` already holds the demo dataset this profile and seed would generate."""
     if not (data / DATASET_JSON).is_file():
         return False
-    from pipeline.demo_data import GENERATOR_VERSION
+    from pipeline.stages.demo_data import GENERATOR_VERSION
 
     src = Dataset.load(data).meta.get("source", {})
     want = {

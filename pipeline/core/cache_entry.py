@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache import KEY_JSON, list_caches
+from pipeline.core.cache import KEY_JSON, list_caches
 
 
 def _describe(entry: dict) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.dataset import Dataset
-from pipeline.encode import encode_split, pick_device
-from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.core.dataset import Dataset
+from pipeline.core.metrics import ranks_from_embeddings, retrieval_metrics_from_ranks
+from pipeline.torchkit.encode import encode_split, pick_device
 
 
 @dataclass(frozen=True)
@@ -30,28 +30,6 @@ class EvalConfig:
     teacher_scores: Path | None = None  # a teacher cache entry of this split's candidates: also
     # report the ranking agreement (pipeline/agreement.py)
     rerank_score: str = "itm"  # itm: ITM logit alone; itm+itc: plus the cosine (LAVIS)
-
-
-def ranks_from_embeddings(
-    image: np.ndarray, caption: np.ndarray, caption_to_image: np.ndarray, chunk_size: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    """(i2t ranks (N,), t2i ranks (M,)) from unit-norm embeddings, never holding the N x M matrix.
-
-    ``caption_to_image`` (M,) is the row of ``image`` that each caption describes.
-    """
-    img, cap = torch.from_numpy(image), torch.from_numpy(caption)  # (N, D), (M, D)
-    owner = torch.as_tensor(caption_to_image, dtype=torch.long)  # (M,)
-    i2t = [
-        i2t_ranks(
-            img[s : s + chunk_size] @ cap.T, torch.arange(s, min(s + chunk_size, len(img))), owner
-        )
-        for s in range(0, len(img), chunk_size)
-    ]
-    t2i = [
-        t2i_ranks(cap[s : s + chunk_size] @ img.T, owner[s : s + chunk_size])
-        for s in range(0, len(cap), chunk_size)
-    ]
-    return np.concatenate(i2t), np.concatenate(t2i)
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -80,7 +58,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.teacher_scores is not None:
         result["ranking_agreement"] = _agreement(cfg, ds, images, captions, img, cap)
     if cfg.rerank_teacher:
-        from pipeline.rerank import rerank_metrics
+        from pipeline.stages.rerank import rerank_metrics
         from teacher.model import load_teacher
 
         teacher = load_teacher(cfg.rerank_teacher, device=device)
@@ -103,9 +81,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
 def _agreement(cfg: EvalConfig, ds: Dataset, images, captions, img, cap) -> dict:
     """The student's agreement with the teacher on the split's cached candidates."""
-    from pipeline.agreement import ranking_agreement
-    from pipeline.cache import load_scores
-    from pipeline.cache_entry import resolve_entry
+    from pipeline.core.agreement import ranking_agreement
+    from pipeline.core.cache import load_scores
+    from pipeline.core.cache_entry import resolve_entry
 
     _, pairs = load_scores(resolve_entry(cfg.teacher_scores, ds.fingerprint), ds.fingerprint)
     got = ranking_agreement(

@@ -1,4 +1,4 @@
-"""Import image-caption collections into the canonical dataset layout (pipeline.dataset).
+"""Import image-caption collections into the canonical dataset layout (pipeline.core.dataset).
 
 Two sources: the Karpathy-split JSON that Flickr30K and COCO ship with, and a flat table
 (CSV, JSONL or Parquet) of (image path, caption[, split]) rows. Every referenced image is read
@@ -20,9 +20,9 @@ import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic
-from pipeline.dataset import hash_bytes, write_dataset
-from pipeline.schemas import DATASET_JSON, SPLITS
+from pipeline.core import atomic
+from pipeline.core.dataset import hash_bytes, write_dataset
+from pipeline.core.schemas import DATASET_JSON, SPLITS
 
 log = logging.getLogger(__name__)
 

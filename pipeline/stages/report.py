@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import atomic
-from pipeline.metrics import METRIC_KEYS
+from pipeline.core import atomic
+from pipeline.core.metrics import METRIC_KEYS
 
 STUDENTS = ("itc", "itc-hard", "cprd")
 
@@ -128,8 +128,8 @@ def _plot(out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
     import polars as pl
 
-    from pipeline.cache import load_scores
-    from pipeline.candidates import load_candidates
+    from pipeline.core.cache import load_scores
+    from pipeline.core.candidates import load_candidates
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     report = json.loads((out / "report.json").read_text())

@@ -117,14 +117,14 @@ def frozen_features(
     they are known, as a dataset's ``images.sha256`` column is) or captions (keyed by text);
     ``to_batch``
     turns a list of them into the tower's input tensor (``pixel_batches(preprocess)`` or the
-    tokenizer). Only what the cache (pipeline/features.py, root ``cache``) lacks is computed;
+    tokenizer). Only what the cache (torchkit/features.py, root ``cache``) lacks is computed;
     hits and misses are logged.
     """
     identity = getattr(model, "feature_identity", None)
     identity = identity(tower) if identity is not None else None
     if identity is None:
         return None
-    from pipeline.features import FeatureStore, file_keys, text_keys
+    from pipeline.torchkit.features import FeatureStore, file_keys, text_keys
 
     device = device or pick_device()
     if keys is None:

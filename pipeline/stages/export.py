@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline import atomic
+from pipeline.core import atomic
 from student.models import load_model
 from student.pretrained import CFG_KEY
 from student.storage import STUDENT_JSON
@@ -33,7 +33,7 @@ from student.storage import STUDENT_JSON
 EXPORT_JSON = "export.json"
 CONFIG_FILE = "open_clip_config.json"  # open_clip.constants.HF_CONFIG_NAME
 WEIGHTS_FILE = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
-# A Hugging Face text tower's architecture and tokenizer (pipeline/towers.py TEXT_FILES).
+# A Hugging Face text tower's architecture and tokenizer (pipeline/torchkit/towers.py TEXT_FILES).
 HF_TEXT_FILES = (
     "config.json",
     "special_tokens_map.json",
@@ -92,7 +92,7 @@ def export_student(
     card = model_card(spec, loaded, model_cfg, preprocess_cfg)
     metrics = None
     if eval_data is not None:
-        from pipeline.evaluate import EvalConfig, evaluate
+        from pipeline.stages.evaluate import EvalConfig, evaluate
 
         result = evaluate(EvalConfig(data=eval_data, student=spec, split=eval_split, seed=seed))
         metrics = {"split": eval_split, "dataset": str(eval_data), **result["metrics"]}
@@ -212,7 +212,7 @@ def model_card(spec: str, loaded, model_cfg: dict[str, Any], preprocess_cfg: dic
 
 
 def _metrics_section(title: str, m: dict) -> str:
-    from pipeline.metrics import METRIC_KEYS
+    from pipeline.core.metrics import METRIC_KEYS
 
     keys = [k for k in METRIC_KEYS if k in m]
     head = "| " + " | ".join(keys) + " |"

@@ -23,8 +23,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.schemas import (
+from pipeline.core import atomic
+from pipeline.core.schemas import (
     CAPTIONS_FILE,
     CAPTIONS_SCHEMA,
     DATASET_FORMAT,
@@ -74,7 +74,7 @@ def write_dataset(
 
     ``images`` has columns ``path, split, sha256`` (row i gets image_id i); ``captions`` has
     ``image_id, caption`` (row j gets caption_id j). ``out_dir`` is normally the temporary
-    directory of :func:`pipeline.atomic.atomic_dir`, so the whole dataset appears at once.
+    directory of :func:`pipeline.core.atomic.atomic_dir`, so the whole dataset appears at once.
     Raises ValueError for an empty dataset, an unknown split or a caption of a missing image.
     """
     if images.height == 0:

@@ -27,12 +27,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline import atomic
-from pipeline.candidates import EMBEDDING_FILES, Embeddings
-from pipeline.dataset import Dataset
-from pipeline.encode import encode_split, encode_texts, pick_device
-from pipeline.schemas import EMBEDDINGS_DIR
-from pipeline.search import INDEXES, build_index
+from pipeline.core import atomic
+from pipeline.core.candidates import EMBEDDING_FILES, Embeddings
+from pipeline.core.dataset import Dataset
+from pipeline.core.schemas import EMBEDDINGS_DIR
+from pipeline.core.search import INDEXES, build_index
+from pipeline.torchkit.encode import encode_split, encode_texts, pick_device
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 __all__ = [
     "IMAGE_PACKAGE",
@@ -32,7 +32,7 @@ __all__ = [
     "MissingPackageError",
     "Package",
     "dist_version",
-    "file_sha256",
+    "cached_file_sha256",
     "load_efficientnet_lite0",
     "load_minilm",
     "map_efficientnet_lite0",
@@ -86,7 +86,7 @@ def dist_version(pkg: Package) -> str | None:
         return None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def cached_file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, hashed once per process while its size and mtime stay."""
     st = os.stat(path)
     return _sha256_of(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
@@ -179,5 +179,5 @@ def text_files_sha256(text_dir: Path) -> str:
     """sha256 over the text package's config and tokenizer files (what a saved model relies on)."""
     h = hashlib.sha256()
     for name in TEXT_FILES:
-        h.update(f"{name}\t{file_sha256(text_dir / name)}\n".encode())
+        h.update(f"{name}\t{cached_file_sha256(text_dir / name)}\n".encode())
     return h.hexdigest()

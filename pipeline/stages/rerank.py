@@ -11,9 +11,10 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
-from pipeline.score import score_pairs
-from pipeline.search import topk_search
+from pipeline.core.candidates import candidate_pairs
+from pipeline.core.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.core.search import topk_search
+from teacher.scoring import score_pairs
 
 RERANK_SCORES = ("itm", "itm+itc")  # LAVIS ranks by itm+itc; cprd's default stays itm
 
@@ -43,24 +44,24 @@ def rerank_metrics(
     k_i2t, k_t2i = min(k, len(caption)), min(k, len(image))
     _, top_c = topk_search(image, caption, k_i2t)  # (N, K) caption rows per image
     _, top_i = topk_search(caption, image, k_t2i)  # (M, K) image rows per caption
-    pairs = (
-        pl.concat(
-            [
-                pl.DataFrame(
-                    {"image": np.repeat(np.arange(len(image)), k_i2t), "caption": top_c.ravel()}
-                ),
-                pl.DataFrame(
-                    {"image": top_i.ravel(), "caption": np.repeat(np.arange(len(caption)), k_t2i)}
-                ),
-            ]
-        )
-        .unique()
-        .sort("image", "caption")
-    )  # a pair met from both sides is scored once
+    top = pl.concat(
+        [
+            pl.DataFrame(
+                {"query_id": np.repeat(np.arange(len(image)), k_i2t), "candidate_id": top_c.ravel()}
+            ).with_columns(direction=pl.lit("i2t")),
+            pl.DataFrame(
+                {
+                    "query_id": np.repeat(np.arange(len(caption)), k_t2i),
+                    "candidate_id": top_i.ravel(),
+                }
+            ).with_columns(direction=pl.lit("t2i")),
+        ]
+    )
+    pairs = candidate_pairs(top)  # rows as ids; a pair met from both sides is scored once
     bar = tqdm(total=pairs.height, desc="teacher re-ranking", unit="pair", disable=not progress)
     scored = score_pairs(
         teacher,
-        pairs.rename({"image": "image_id", "caption": "caption_id"}),
+        pairs,
         image_paths,
         texts,
         batch_size=batch_size,

@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import atomic
-from pipeline.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
-from pipeline.dataset import Dataset
-from pipeline.encode import encode_split, pick_device
-from pipeline.schemas import CANDIDATES_JSON
-from pipeline.search import INDEXES, approximate_recall, topk_search
+from pipeline.core import atomic
+from pipeline.core.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
+from pipeline.core.dataset import Dataset
+from pipeline.core.schemas import CANDIDATES_JSON
+from pipeline.core.search import INDEXES, approximate_recall, topk_search
+from pipeline.torchkit.encode import encode_split, pick_device
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic, cache, cache_verify
-from pipeline.candidates import load_candidates
-from pipeline.dataset import Dataset
-from pipeline.encode import worker_device
+from pipeline.core import atomic, cache, cache_verify
+from pipeline.core.candidates import candidate_pairs, load_candidates
+from pipeline.core.dataset import Dataset
+from pipeline.torchkit.encode import worker_device
+from teacher.scoring import score_pairs
 
 log = logging.getLogger(__name__)
 
@@ -76,65 +76,12 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def unique_pairs(cand: pl.DataFrame) -> pl.DataFrame:
-    """The (image_id, caption_id) pairs of both directions, each once, sorted."""
-    i2t = cand.filter(pl.col("direction") == "i2t").select(
-        pl.col("query_id").alias("image_id"), pl.col("candidate_id").alias("caption_id")
-    )
-    t2i = cand.filter(pl.col("direction") == "t2i").select(
-        pl.col("candidate_id").alias("image_id"), pl.col("query_id").alias("caption_id")
-    )
-    return pl.concat([i2t, t2i]).unique().sort("image_id", "caption_id")
-
-
 def describe(values: np.ndarray) -> dict:
     """mean, std and quantiles of a score distribution (DESIGN 1: teacher vs miner shapes)."""
     v = np.asarray(values, dtype=np.float64)
     out = {"mean": float(v.mean()), "std": float(v.std())}
     out.update({f"q{int(q * 100):02d}": float(np.quantile(v, q)) for q in QUANTILES})
     return out
-
-
-def score_pairs(
-    teacher,
-    pairs: pl.DataFrame,
-    image_path,
-    text,
-    *,
-    batch_size: int = 64,
-    images_per_step: int = 16,
-    bar: tqdm | None = None,
-) -> pl.DataFrame:
-    """``pairs`` (image_id, caption_id) with the teacher's ``score`` and ``prob`` added.
-
-    Pairs are grouped by image so that each image is encoded once; ``image_path[i]`` is image
-    i's file and ``text[c]`` caption c's text (any indexable: dict, list, Series).
-    """
-    from teacher.model import score_grouped
-
-    groups = pairs.group_by("image_id", maintain_order=True).agg("caption_id")
-    out = []
-    for start in range(0, groups.height, images_per_step):
-        step = groups.slice(start, images_per_step)
-        images = []
-        for image_id in step["image_id"]:
-            with Image.open(image_path[image_id]) as img:
-                images.append(img.convert("RGB"))
-        captions = [[text[c] for c in ids] for ids in step["caption_id"]]
-        result = score_grouped(teacher, images, captions, batch_size=batch_size)
-        out.append(
-            pl.DataFrame(
-                {
-                    "image_id": np.repeat(step["image_id"].to_numpy(), [len(c) for c in captions]),
-                    "caption_id": np.concatenate(step["caption_id"].to_list()).astype(np.int64),
-                    "score": np.concatenate(result.logits).astype(np.float32),
-                    "prob": np.concatenate(result.probs).astype(np.float32),
-                }
-            )
-        )
-        if bar is not None:
-            bar.update(sum(len(c) for c in captions))
-    return pl.concat(out)
 
 
 def _existing(path: Path, shard: int) -> pl.DataFrame | None:
@@ -177,7 +124,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
             f"dataset '{ds.root}' is not the one candidates '{cfg.candidates}' were "
             "mined from (fingerprints differ); pass the right --data"
         )
-    pairs = unique_pairs(cand)
+    pairs = candidate_pairs(cand)
     # one GPU per worker when launched as several processes (torchrun, srun): cuda:LOCAL_RANK
     device = worker_device(cfg.device)
     teacher = loaded_teacher or load_teacher(cfg.teacher, device=device)

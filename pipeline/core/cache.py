@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 CACHE_FORMAT = "cprd-teacher-cache"
 CACHE_VERSION = 1

@@ -22,8 +22,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.schemas import (
+from pipeline.core import atomic
+from pipeline.core.schemas import (
     CANDIDATES_FILE,
     CANDIDATES_FORMAT,
     CANDIDATES_JSON,
@@ -48,7 +48,7 @@ class Embeddings:
 def write_candidates(out_dir: Path, table: pa.Table, emb: Embeddings, manifest: dict) -> dict:
     """Write candidates, embeddings and (last) the manifest with checksums into ``out_dir``.
 
-    ``out_dir`` is normally the temporary dir of :func:`pipeline.atomic.atomic_dir`.
+    ``out_dir`` is normally the temporary dir of :func:`pipeline.core.atomic.atomic_dir`.
     Returns the manifest as written.
     """
     out_dir = Path(out_dir)
@@ -127,3 +127,25 @@ def load_candidates(path: str | Path) -> tuple[dict, pl.DataFrame]:
     manifest = read_manifest(path)
     table = pq.read_table(_verified(path, manifest, CANDIDATES_FILE))
     return manifest, pl.from_arrow(table)
+
+
+def candidate_pairs(cand: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    """The (image_id, caption_id) pairs of candidate rows of both directions, each pair once,
+    sorted by (image_id, caption_id); ``columns`` (e.g. ``"score"``) come along from the pair's
+    first row (image queries first).
+
+    The one conversion from the candidates table (direction, query_id, candidate_id, ...) to
+    pairs: score-teacher scores these, a run without a teacher reads the miner's lists from them,
+    and the re-ranking evaluation scores each query's top-K through them.
+    """
+    i2t = cand.filter(pl.col("direction") == "i2t").select(
+        pl.col("query_id").alias("image_id"), pl.col("candidate_id").alias("caption_id"), *columns
+    )
+    t2i = cand.filter(pl.col("direction") == "t2i").select(
+        pl.col("candidate_id").alias("image_id"), pl.col("query_id").alias("caption_id"), *columns
+    )
+    return (
+        pl.concat([i2t, t2i])
+        .unique(["image_id", "caption_id"], keep="first", maintain_order=True)
+        .sort("image_id", "caption_id")
+    )

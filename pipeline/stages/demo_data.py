@@ -25,9 +25,9 @@ import polars as pl
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_dir, check_out
-from pipeline.dataset import hash_bytes, write_dataset
-from pipeline.schemas import DATASET_JSON
+from pipeline.core.atomic import atomic_dir, check_out
+from pipeline.core.dataset import hash_bytes, write_dataset
+from pipeline.core.schemas import DATASET_JSON
 
 GENERATOR_VERSION = 2  # bump whenever the same arguments would produce different bytes
 GROUP_SIZE = 4

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline import atomic
-from pipeline.cache import (
+from pipeline.core import atomic
+from pipeline.core.cache import (
     KEY_FIELDS,
     KEY_JSON,
     MANIFEST_JSON,

@@ -158,3 +158,25 @@ def retrieval_metrics(
         for s in range(0, n_captions, chunk_size)
     ]
     return retrieval_metrics_from_ranks(np.concatenate(i2t), np.concatenate(t2i))
+
+
+def ranks_from_embeddings(
+    image: np.ndarray, caption: np.ndarray, caption_to_image: np.ndarray, chunk_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t ranks (N,), t2i ranks (M,)) from unit-norm embeddings, never holding the N x M matrix.
+
+    ``caption_to_image`` (M,) is the row of ``image`` that each caption describes.
+    """
+    img, cap = torch.from_numpy(image), torch.from_numpy(caption)  # (N, D), (M, D)
+    owner = torch.as_tensor(caption_to_image, dtype=torch.long)  # (M,)
+    i2t = [
+        i2t_ranks(
+            img[s : s + chunk_size] @ cap.T, torch.arange(s, min(s + chunk_size, len(img))), owner
+        )
+        for s in range(0, len(img), chunk_size)
+    ]
+    t2i = [
+        t2i_ranks(cap[s : s + chunk_size] @ img.T, owner[s : s + chunk_size])
+        for s in range(0, len(cap), chunk_size)
+    ]
+    return np.concatenate(i2t), np.concatenate(t2i)
