@@ -65,3 +65,29 @@ def summarise(name: str, runs: list[dict]) -> dict:
         row[f"{m}_mean"] = round(statistics.fmean(values), 2)
         row[f"{m}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
     return row
+
+
+def paired(runs: dict[str, list[dict]], control: str, metric: str = "rsum") -> dict[str, dict]:
+    """Per row, the seed-by-seed difference of ``metric`` against ``control`` (seed s of a row
+    minus seed s of the control): {"mean", "sd", "n"}; rows with fewer seeds pair their first."""
+    base = [float(r[metric]) for r in runs.get(control, [])]
+    out = {}
+    for name, rs in runs.items():
+        diffs = [float(r[metric]) - b for r, b in zip(rs, base, strict=False)]
+        if diffs and name != control:
+            out[name] = {
+                "mean": round(statistics.fmean(diffs), 2),
+                "sd": round(statistics.stdev(diffs), 2) if len(diffs) > 1 else 0.0,
+                "n": len(diffs),
+            }
+    return out
+
+
+def val_curve(student_dir: Path) -> list[float]:
+    """Val RSUM after each validation of a train-student run (its metrics.jsonl)."""
+    lines = (Path(student_dir) / "metrics.jsonl").read_text().splitlines()
+    return [
+        round(rec["val"]["rsum"], 1)
+        for rec in map(json.loads, lines)
+        if rec.get("event") == "val"
+    ]

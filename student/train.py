@@ -175,8 +175,10 @@ def _load_data(
 def make_planner(
     cfg: StudentTrainConfig, ds: Dataset, lookup: TeacherLookup | None, order: TeacherLookup | None
 ) -> BatchPlanner:
-    """The run's batches: ``lookup`` supplies each query's negatives (none without lists: then
-    nothing is delivered beyond the batch), ``order`` the hard-batching neighbour order."""
+    """The run's batches: ``lookup`` supplies each query's negatives, ``order`` the hard-batching
+    neighbour order. Nothing is delivered beyond the batch when no term would read it (no lists,
+    or ITC alone over the pairs: --loss none with --itc-negatives batch)."""
+    reads = cfg.loss != "none" or cfg.itc_negatives != "batch"
     return BatchPlanner(
         ds.split("train")[0]["image_id"].to_numpy(),
         ds.captions["image_id"].to_numpy(),
@@ -186,7 +188,7 @@ def make_planner(
         neighbours=order,
         seed=cfg.seed,
         neighbours_per_seed=cfg.neighbours_per_seed,
-        negatives=cfg.negatives if lookup is not None else "inbatch",
+        negatives=cfg.negatives if lookup is not None and reads else "inbatch",
     )
 
 

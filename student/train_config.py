@@ -45,8 +45,8 @@ class StudentTrainConfig:
     # (read from the negative bank, student/bank.py), explicit (encoded in the step), inbatch
     # (only those the batch happens to hold)
     bank_refresh: int = 0  # bank: also re-encode every bank row every N steps (0: each epoch only)
-    itc_negatives: str = "pool"  # pool: ITC's denominators hold every delivered negative too;
-    # own: each query's own delivered negatives; batch: ITC over the pairs only
+    itc_negatives: str = "batch"  # batch: ITC over the pairs only; pool: its denominators also
+    # hold every delivered negative; own: each query's own delivered negatives
     batching: str = "hard"  # hard: seeds plus their cached neighbours; random: random pairs
     batching_order: str | None = None  # hard batching's neighbour order: miner (--candidates'
     # scores, no teacher) or teacher (--teacher-scores); None: teacher when given, else miner
