@@ -6,8 +6,8 @@ data loading, the negative bank's refresh at the epoch start and its reads, the 
 backward and AdamW. Modes:
 - `itc`: ITC over the batch's pairs only, no negatives delivered (the plain step);
 - `cprd`: the default configuration (`--negatives bank`: each query's cached negatives read from
-  the bank, ITC over the pool too);
-- `itc-bank`: the teacher-free control's step (the same delivery, no distillation term);
+  the bank for the CPRD term; ITC over the pairs);
+- `itc-pool`: ITC with the same delivery, the delivered negatives in its denominators;
 - `cprd-explicit`: the extras encoded in the step instead (extra forward and backward passes);
 - `cprd-inbatch`: only the negatives the batch happens to hold (the old default).
 Per mode: seconds per step (the fastest of the interleaved repeats; noise only adds time) and the
@@ -34,7 +34,7 @@ from benchmarks.common import write_result  # noqa: E402
 MODES = {
     "itc": {"loss": "none", "negatives": "inbatch", "itc_negatives": "batch"},
     "cprd": {"loss": "cprd"},
-    "itc-bank": {"loss": "none"},
+    "itc-pool": {"loss": "none", "itc_negatives": "pool"},
     "cprd-explicit": {"loss": "cprd", "negatives": "explicit"},
     "cprd-inbatch": {"loss": "cprd", "negatives": "inbatch"},
 }

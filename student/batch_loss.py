@@ -37,6 +37,8 @@ from student.losses import (
 )
 from student.sampler import QueryLists
 
+_EXCLUDED = -1e4  # a cosine no entry reaches: exp(scale * -1e4) is 0 for any logit_scale >= 1
+
 
 @dataclass(frozen=True)
 class DistillSettings:
@@ -48,7 +50,7 @@ class DistillSettings:
     tau_teacher: float  # kl: teacher softmax temperature
     valid_top: int | None  # cprd validity rule: a fixed count ...
     valid_min_prob: float | None  # ... or a teacher-probability threshold (exactly one is set)
-    itc_negatives: str = "pool"  # given ``positive``: pool (every extra) or own (each anchor's
+    itc_negatives: str = "batch"  # given ``positive``: pool (every extra) or own (each anchor's
     # own delivered negatives only) in ITC's denominators
 
 
@@ -63,13 +65,13 @@ def step_loss(
 ) -> dict[str, Tensor]:
     """{"itc", "distill" (unless loss is none), "total"} for one step (module docstring)."""
     b = num_pairs
-    if positive is None:
+    if positive is None or st.itc_negatives == "batch":
         itc = itc_loss(sim[:b, :b], logit_scale)
     elif st.itc_negatives == "own":
         allowed = _own(sim.shape, b, lists).to(sim.device)
-        itc = itc_loss(
-            sim.masked_fill(~allowed, float("-inf")), logit_scale, positive & allowed, anchors=b
-        )
+        # A finite fill, not -inf: a row with no allowed entry would give NaN gradients.
+        excluded = sim.masked_fill(~allowed, _EXCLUDED)
+        itc = itc_loss(excluded, logit_scale, positive & allowed, anchors=b)
     else:
         itc = itc_loss(sim, logit_scale, positive, anchors=b)
     if st.loss == "none":
