@@ -261,6 +261,14 @@ def data_info(dataset, as_json):
 @click.option("--captions-per-image", default=5, show_default=True, help="Captions per image.")
 @click.option("--image-size", default=64, show_default=True, help="Image side in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option(
+    "--generator-version",
+    type=click.IntRange(2, 3),
+    default=3,
+    show_default=True,
+    help="3: some captions fit several images, and the full caption-image relation is written "
+    "beside the dataset; 2: the older data, every caption true of one image (reproducible).",
+)
 @overwrite_option
 @json_option
 def demo_data(
@@ -271,6 +279,7 @@ def demo_data(
     captions_per_image,
     image_size,
     seed,
+    generator_version,
     overwrite,
     as_json,
 ):
@@ -278,7 +287,9 @@ def demo_data(
 
     Images come in contrast groups of 4 whose captions share one bag of words ("a red circle left
     of a blue square" vs "a blue circle left of a red square"), so only a model that binds
-    attributes to objects can tell them apart.
+    attributes to objects can tell them apart. Version 3 adds captions that fit more images than
+    their own ("a circle to the left of a square") and repeated scenes, and writes every true
+    caption-image pair to OUT/relation.parquet (`evaluate` then also reports `rsum_full`).
 
     Example:
 
@@ -296,13 +307,22 @@ def demo_data(
         image_size=image_size,
         seed=seed,
         overwrite=overwrite,
+        version=generator_version,
     )
     summary = {"command": "demo-data", "out": str(out), **_dataset_summary(meta)}
+    rel = meta.get("relation")
+    summary["relation"] = rel
+    fits = (
+        f"; relation: {rel['pairs']} true pairs, {rel['images_per_caption']['mean']} images per "
+        f"caption on average"
+        if rel
+        else ""
+    )
     _emit(
         summary,
         as_json,
         f"wrote {meta['num_images']} images, {meta['num_captions']} captions "
-        f"to {out} (fingerprint {meta['fingerprint'][:12]})",
+        f"to {out} (fingerprint {meta['fingerprint'][:12]}){fits}",
     )
 
 
@@ -399,13 +419,22 @@ def mine_candidates(
         "counts": m["counts"],
         "index_recall": m["index_recall"],
         "fingerprint": m["dataset"]["fingerprint"],
+        "false_negatives": m.get("false_negatives"),
     }
     c = m["counts"]
+    fn = m.get("false_negatives")
     _emit(
         summary,
         as_json,
         f"mined {c['i2t']} image->text and {c['t2i']} text->image "
-        f"candidates ({c['images']} images, {c['captions']} captions) into {out}",
+        f"candidates ({c['images']} images, {c['captions']} captions) into {out}"
+        + (
+            f"\nfalse negatives (true matches among mined non-positives, by the dataset's "
+            f"relation): {fn['all']:.1%} (image->text {fn['i2t']:.1%}, text->image "
+            f"{fn['t2i']:.1%})"
+            if fn and fn["all"] is not None
+            else ""
+        ),
     )
 
 
@@ -447,8 +476,14 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
     )
     result = evaluate(cfg)
     rows = [{"name": "dual-encoder", **result["metrics"]}]
+    if "metrics_full" in result:
+        rows.append({"name": "dual-encoder [full relation]", **result["metrics_full"]})
     if "rerank_metrics" in result:
         rows.append({"name": f"teacher-rerank@{rerank_k}", **result["rerank_metrics"]})
+    if "rerank_metrics_full" in result:
+        rows.append(
+            {"name": f"teacher-rerank@{rerank_k} [full relation]", **result["rerank_metrics_full"]}
+        )
     summary = {
         "command": "evaluate",
         "split": split,
@@ -459,6 +494,10 @@ def evaluate_cmd(data, student, split, batch_size, seed, rerank_teacher, rerank_
         "rows": rows,
         "rerank": result.get("rerank_metrics"),
     }
+    if "metrics_full" in result:  # any truly matching item counts (the dataset's relation)
+        summary["metrics_full"] = result["metrics_full"]
+        summary["rsum_full"] = result["rsum_full"]
+        summary["rerank_full"] = result.get("rerank_metrics_full")
     if not as_json:
         from pipeline.report import table
 

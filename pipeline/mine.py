@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import torch
 
@@ -17,6 +18,7 @@ from pipeline import atomic
 from pipeline.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
 from pipeline.dataset import Dataset
 from pipeline.encode import encode_split, pick_device
+from pipeline.relation import false_negative_rate
 from pipeline.schemas import CANDIDATES_JSON
 from pipeline.search import INDEXES, approximate_recall, topk_search
 
@@ -170,6 +172,11 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         cfg.index,
     )
     recall = None if cfg.index == "flat" else {"i2t": rec_i2t, "t2i": rec_t2i}
+    false_negatives = None
+    if ds.relation is not None:  # how many mined "negatives" the dataset knows to be matches
+        cand = pl.from_arrow(pa.concat_tables([i2t, t2i]))
+        false_negatives = false_negative_rate(cand, ds.relation)
+        log.info("false negatives among mined non-positives: %s", false_negatives)
     if recall:
         log.info(
             "%s index recall@k vs exact search: i2t %.4f, t2i %.4f", cfg.index, rec_i2t, rec_t2i
@@ -183,6 +190,7 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         "k_used": {"i2t": k_i2t, "t2i": k_t2i},
         "index": cfg.index,
         "index_recall": recall,
+        "false_negatives": false_negatives,  # None: the dataset has no relation
         "counts": {
             "images": len(emb.image_ids),
             "captions": len(emb.caption_ids),

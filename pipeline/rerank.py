@@ -11,7 +11,14 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from pipeline.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.metrics import (
+    i2t_ranks,
+    relation_mask,
+    relation_ranks,
+    retrieval_metrics_from_ranks,
+    sort_pairs,
+    t2i_ranks,
+)
 from pipeline.score import score_pairs
 from pipeline.search import topk_search
 
@@ -31,6 +38,27 @@ def rerank_metrics(
 
     ``image`` (N, D) and ``caption`` (M, D) are unit-norm embeddings, ``owner`` (M,) the image
     row of each caption, ``image_paths``/``texts`` the files and texts of those rows.
+    """
+    return rerank_both(
+        image, caption, owner, teacher, image_paths, texts, k, None, batch_size, progress
+    )[0]
+
+
+def rerank_both(
+    image: np.ndarray,
+    caption: np.ndarray,
+    owner: np.ndarray,
+    teacher,
+    image_paths: list,
+    texts: list[str],
+    k: int,
+    relation: tuple[np.ndarray, np.ndarray] | None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """(``rerank_metrics`` on the labels, the same on the full relation or None without one).
+
+    ``relation`` is (image rows (P,), caption rows (P,)) of every true match among these rows.
     """
     k_i2t, k_t2i = min(k, len(caption)), min(k, len(image))
     _, top_c = topk_search(image, caption, k_i2t)  # (N, K) caption rows per image
@@ -72,4 +100,12 @@ def rerank_metrics(
     owner_t = torch.as_tensor(owner)
     i2t = i2t_ranks(i2t_sim, torch.arange(len(image)), owner_t)
     t2i = t2i_ranks(t2i_sim, owner_t)
-    return retrieval_metrics_from_ranks(i2t, t2i)
+    labelled = retrieval_metrics_from_ranks(i2t, t2i)
+    if relation is None:
+        return labelled, None
+    i_mask = relation_mask(*sort_pairs(*relation, by="image"), 0, len(image), len(caption))
+    c_mask = relation_mask(*sort_pairs(*relation, by="caption"), 0, len(caption), len(image))
+    full = retrieval_metrics_from_ranks(
+        relation_ranks(i2t_sim, i_mask), relation_ranks(t2i_sim, c_mask)
+    )
+    return labelled, full
