@@ -13,14 +13,25 @@ def test_demo_smoke_then_rerun(tmp_path):
     out = tmp_path / "demo"
     report = run_demo(DemoConfig(out=out, profile="smoke"))
     names = [r["name"] for r in report["rows"]]
-    assert names == ["teacher-rerank", "student-itc", "student-itc-hard", "student-cprd"]
+    assert names == [
+        "teacher-full",
+        "teacher-rerank",
+        "student-itc",
+        "student-itc-hard",
+        "student-cprd",
+    ]
     for row in report["rows"]:
         assert all(0 <= row[k] <= 100 for k in METRIC_KEYS[:-1])
         assert row["rsum"] == sum(row[k] for k in METRIC_KEYS[:-1])
+        # The demo data carries its full relation: a second RSUM where any true match counts.
+        full = row["metrics_full"]
+        assert row["rsum_full"] == full["rsum"] == sum(full[k] for k in METRIC_KEYS[:-1])
+    fn = report["mined_false_negatives"]
+    assert fn["negatives"] > 0 and 0 <= fn["all"] <= 1
     assert report["teacher_cache"]["pairs_scored"] == report["teacher_cache"]["pairs_total"] > 0
     for f in ("report.json", "report.md", "report.png"):
         assert (out / f).stat().st_size > 0
-    assert json.loads((out / "report.json").read_text())["rows"][0]["name"] == "teacher-rerank"
+    assert json.loads((out / "report.json").read_text())["rows"][0]["name"] == "teacher-full"
     for student in ("itc", "itc-hard", "cprd"):
         assert (out / "students" / student / "student.json").is_file()
 
@@ -36,6 +47,7 @@ def test_demo_smoke_then_rerun(tmp_path):
             "mine-candidates",
             "student-itc-hard",
             "student-cprd",
+            "teacher-full",
         )
     )
     assert [r["rsum"] for r in again["rows"]] == [r["rsum"] for r in report["rows"]]

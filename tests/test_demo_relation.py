@@ -174,7 +174,9 @@ def test_relation_rows_index_the_split(tmp_path: Path) -> None:
     ds = Dataset.load(tmp_path / "d")
     images, captions = ds.split("test")
     i_rows, c_rows = relation_rows(ds.relation, images, captions)
-    back = set(zip(images["image_id"].gather(i_rows), captions["caption_id"].gather(c_rows)))
+    back = set(
+        zip(images["image_id"].gather(i_rows), captions["caption_id"].gather(c_rows), strict=True)
+    )
     in_split = ds.relation.filter(pl.col("caption_id").is_in(captions["caption_id"].implode()))
     assert back == set(in_split.iter_rows())
 
