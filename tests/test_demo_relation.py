@@ -161,9 +161,7 @@ def test_check_relation_refuses_bad_pairs(tmp_path: Path) -> None:
         check_relation(ds.images, ds.captions, pl.concat([rel, pl.DataFrame(
             {"image_id": [test_image], "caption_id": [0]})]))  # fmt: skip
     first = ds.captions.row(0, named=True)
-    dropped = rel.filter(
-        ~((pl.col("image_id") == first["image_id"]) & (pl.col("caption_id") == 0))
-    )
+    dropped = rel.filter(~((pl.col("image_id") == first["image_id"]) & (pl.col("caption_id") == 0)))
     with pytest.raises(ValueError, match="misses 1 labelled pairs"):
         check_relation(ds.images, ds.captions, dropped)
 
@@ -210,3 +208,55 @@ def test_cli_demo_data_versions(tmp_path: Path) -> None:
     assert not (tmp_path / "v2" / "relation.parquet").exists()
     bad = run("demo-data", "--out", tmp_path / "v9", *args, "--generator-version", 9)
     assert bad.exit_code == 1 and "--generator-version" in bad.stderr
+
+
+def test_cli_evaluate_reports_both_label_sets(tmp_path: Path, tiny_teacher_dir: Path) -> None:
+    """`cprd evaluate --json` on data with a relation adds metrics_full and rsum_full (also for
+    the teacher's re-ranking) and prints a [full relation] row; without one, neither."""
+    args = ["--train-images", 4, "--val-images", 4, "--test-images", 12, "--image-size", 32]
+    for version in (3, 2):
+        made = run("demo-data", "--out", tmp_path / f"v{version}", *args,
+                   "--generator-version", version)  # fmt: skip
+        assert made.exit_code == 0, made.output
+    res = run("evaluate", "--data", tmp_path / "v3", "--rerank-teacher", tiny_teacher_dir,
+              "--rerank-k", 4, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    full = out["metrics_full"]
+    assert (
+        out["rsum_full"]
+        == full["rsum"]
+        == pytest.approx(sum(v for k, v in full.items() if k != "rsum"))
+    )
+    # Any true match counts, so no recall on the relation is below the labelled one.
+    assert all(full[k] >= out[k] for k in full)
+    assert out["rerank_full"]["rsum"] >= out["rerank"]["rsum"]
+    names = [r["name"] for r in out["rows"]]
+    assert names == ["dual-encoder", "dual-encoder [full relation]", "teacher-rerank@4",
+                     "teacher-rerank@4 [full relation]"]  # fmt: skip
+    printed = run("evaluate", "--data", tmp_path / "v3")
+    assert printed.exit_code == 0 and "dual-encoder [full relation]" in printed.stdout
+    old = run("evaluate", "--data", tmp_path / "v2", "--json")
+    assert old.exit_code == 0, old.output
+    summary = json.loads(old.stdout.strip().splitlines()[-1])
+    assert "rsum_full" not in summary and len(summary["rows"]) == 1
+
+
+def test_cli_mine_candidates_reports_false_negatives(tmp_path: Path) -> None:
+    """mine-candidates on data with a relation states the share of mined negatives that are true
+    matches, equal to the rate recomputed from the candidates file; on labels-only data, None."""
+    from pipeline.candidates import load_candidates
+
+    args = ["--train-images", 16, "--val-images", 4, "--test-images", 4, "--image-size", 32]
+    assert run("demo-data", "--out", tmp_path / "d", *args).exit_code == 0
+    res = run("mine-candidates", "--data", tmp_path / "d", "--out", tmp_path / "c", "--k", 6)
+    assert res.exit_code == 0, res.output
+    assert "false negatives (true matches among mined non-positives" in res.stdout
+    manifest, cand = load_candidates(tmp_path / "c")
+    want = false_negative_rate(cand, Dataset.load(tmp_path / "d").relation)
+    assert manifest["false_negatives"] == want and want["false_negatives"] > 0
+    assert (
+        run("demo-data", "--out", tmp_path / "d2", *args, "--generator-version", 2).exit_code == 0
+    )
+    res = run("mine-candidates", "--data", tmp_path / "d2", "--out", tmp_path / "c2", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[-1])["false_negatives"] is None
