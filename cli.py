@@ -251,6 +251,12 @@ def data_info(dataset, as_json):
         click.echo(f"{split:<8}{c['images']:>10}{c['captions']:>10}")
     cpi = info["captions_per_image"]
     click.echo(f"captions per image: min {cpi['min']}, mean {cpi['mean']}, max {cpi['max']}")
+    if info.get("relation"):
+        fits = info["relation"]["images_per_caption"]
+        click.echo(
+            f"full relation: {info['relation']['pairs']} true pairs; images per caption: mean "
+            f"{fits['mean']}, max {fits['max']}, {fits['fraction_above_one']:.0%} fit more than one"
+        )
 
 
 @cli.command("demo-data")

@@ -25,9 +25,10 @@ from pipeline.schemas import CANDIDATES_JSON, DATASET_JSON
 
 log = logging.getLogger(__name__)
 
-# The demo's teacher, trained once by `cprd train-teacher` (about 20 minutes on 2 CPU cores:
-# longer than the whole demo may take) on a separate draw of the same generator; its README.md
-# has the two commands that rebuild it. Used only while its generator version is current.
+# The demo's teacher, trained once by `cprd train-teacher` (longer than the whole demo may take)
+# on a separate, larger draw of the same generator, with its full caption-image relation as
+# labels; `make demo-teacher` rebuilds it (data/demo-teacher/README.md). Used only while the
+# generator version it was trained on (its trained_on.json) is current.
 SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "data" / "demo-teacher"
 DEMO_MARKER = "demo.json"  # marks a directory as a demo run (a re-run may replace its stages)
 
@@ -339,11 +340,11 @@ def _shipped_teacher() -> Path | None:
     """The shipped demo teacher, or None (with a warning) when it is absent or out of date."""
     from pipeline.demo_data import GENERATOR_VERSION
 
-    marker = SHIPPED_TEACHER / "demo_teacher.json"
+    marker = SHIPPED_TEACHER / "trained_on.json"  # written by train-teacher beside the model
     if not marker.is_file():
         log.warning("no shipped teacher at %s: training one (slow, see its README)", marker.parent)
         return None
-    version = json.loads(marker.read_text())["generator_version"]
+    version = json.loads(marker.read_text())["source"].get("generator_version")
     if version != GENERATOR_VERSION:
         log.warning(
             "shipped teacher was trained on demo-data version %s, this is %s: training one",

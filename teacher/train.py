@@ -244,7 +244,13 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
             break
     bar.close()
 
-    _save(cfg, out, model, processor, history)
+    trained_on = {
+        "dataset_fingerprint": ds.fingerprint,
+        "source": ds.meta.get("source", {}),
+        "relation": ds.meta.get("relation"),
+        "labels": cfg.labels if ds.relation is not None else "captions",
+    }
+    _save(cfg, out, model, processor, history, trained_on)
     return {
         "out": str(out),
         "base": cfg.base,
@@ -258,13 +264,17 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     }
 
 
-def _save(cfg: TeacherTrainConfig, out: Path, model, processor, history: list[dict]) -> None:
-    """Model, processor, config and metrics land together in one rename."""
+def _save(
+    cfg: TeacherTrainConfig, out: Path, model, processor, history: list[dict], trained_on: dict
+) -> None:
+    """Model, processor, config, metrics and the data it learnt from (``trained_on.json``: the
+    dataset's fingerprint and source, e.g. the demo generator's version) land in one rename."""
     model.eval()
     with atomic.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic.write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
+        atomic.write_json(tmp / "trained_on.json", trained_on)
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
         atomic.write_bytes(tmp / "metrics.jsonl", lines.encode())
 
