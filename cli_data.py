@@ -140,6 +140,12 @@ def data_info(dataset, as_json):
         click.echo(f"{split:<8}{c['images']:>10}{c['captions']:>10}")
     cpi = info["captions_per_image"]
     click.echo(f"captions per image: min {cpi['min']}, mean {cpi['mean']}, max {cpi['max']}")
+    if info.get("relation"):
+        fits = info["relation"]["images_per_caption"]
+        click.echo(
+            f"full relation: {info['relation']['pairs']} true pairs; images per caption: mean "
+            f"{fits['mean']}, max {fits['max']}, {fits['fraction_above_one']:.0%} fit more than one"
+        )
 
 
 @click.command("demo-data", context_settings=CONTEXT)
@@ -150,6 +156,14 @@ def data_info(dataset, as_json):
 @click.option("--captions-per-image", default=5, show_default=True, help="Captions per image.")
 @click.option("--image-size", default=64, show_default=True, help="Image side in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option(
+    "--generator-version",
+    type=click.IntRange(2, 3),
+    default=3,
+    show_default=True,
+    help="3: some captions fit several images, and the full caption-image relation is written "
+    "beside the dataset; 2: the older data, every caption true of one image (reproducible).",
+)
 @overwrite_option
 @json_option
 def demo_data(
@@ -160,6 +174,7 @@ def demo_data(
     captions_per_image,
     image_size,
     seed,
+    generator_version,
     overwrite,
     as_json,
 ):
@@ -167,7 +182,9 @@ def demo_data(
 
     Images come in contrast groups of 4 whose captions share one bag of words ("a red circle left
     of a blue square" vs "a blue circle left of a red square"), so only a model that binds
-    attributes to objects can tell them apart.
+    attributes to objects can tell them apart. Version 3 adds captions that fit more images than
+    their own ("a circle to the left of a square") and repeated scenes, and writes every true
+    caption-image pair to OUT/relation.parquet (`evaluate` then also reports `rsum_full`).
 
     Example:
 
@@ -185,13 +202,22 @@ def demo_data(
         image_size=image_size,
         seed=seed,
         overwrite=overwrite,
+        version=generator_version,
     )
     summary = {"command": "demo-data", "out": str(out), **_dataset_summary(meta)}
+    rel = meta.get("relation")
+    summary["relation"] = rel
+    fits = (
+        f"; relation: {rel['pairs']} true pairs, {rel['images_per_caption']['mean']} images per "
+        f"caption on average"
+        if rel
+        else ""
+    )
     _emit(
         summary,
         as_json,
         f"wrote {meta['num_images']} images, {meta['num_captions']} captions "
-        f"to {out} (fingerprint {meta['fingerprint'][:12]})",
+        f"to {out} (fingerprint {meta['fingerprint'][:12]}){fits}",
     )
 
 

@@ -88,13 +88,22 @@ def mine_candidates(
         "counts": m["counts"],
         "index_recall": m["index_recall"],
         "fingerprint": m["dataset"]["fingerprint"],
+        "false_negatives": m.get("false_negatives"),
     }
     c = m["counts"]
+    fn = m.get("false_negatives")
     _emit(
         summary,
         as_json,
         f"mined {c['i2t']} image->text and {c['t2i']} text->image "
-        f"candidates ({c['images']} images, {c['captions']} captions) into {out}",
+        f"candidates ({c['images']} images, {c['captions']} captions) into {out}"
+        + (
+            f"\nfalse negatives (true matches among mined non-positives, by the dataset's "
+            f"relation): {fn['all']:.1%} (image->text {fn['i2t']:.1%}, text->image "
+            f"{fn['t2i']:.1%})"
+            if fn and fn["all"] is not None
+            else ""
+        ),
     )
 
 
@@ -170,6 +179,12 @@ def evaluate_cmd(
             "" if rerank_score == "itm" else f" ({rerank_score})"
         )
         rows.append({"name": name, **result["rerank_metrics"]})
+    if "metrics_full" in result:
+        rows.insert(1, {"name": "dual-encoder [full relation]", **result["metrics_full"]})
+    if "rerank_metrics_full" in result:
+        rows.append(
+            {"name": f"{rows[-1]['name']} [full relation]", **result["rerank_metrics_full"]}
+        )
     summary = {
         "command": "evaluate",
         "split": split,
@@ -181,6 +196,10 @@ def evaluate_cmd(
         "rerank": result.get("rerank_metrics"),
         "ranking_agreement": result.get("ranking_agreement"),
     }
+    if "metrics_full" in result:  # any truly matching item counts (the dataset's relation)
+        summary["metrics_full"] = result["metrics_full"]
+        summary["rsum_full"] = result["rsum_full"]
+        summary["rerank_full"] = result.get("rerank_metrics_full")
     if not as_json:
         from pipeline.stages.report import table
 

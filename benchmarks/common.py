@@ -87,7 +87,5 @@ def val_curve(student_dir: Path) -> list[float]:
     """Val RSUM after each validation of a train-student run (its metrics.jsonl)."""
     lines = (Path(student_dir) / "metrics.jsonl").read_text().splitlines()
     return [
-        round(rec["val"]["rsum"], 1)
-        for rec in map(json.loads, lines)
-        if rec.get("event") == "val"
+        round(rec["val"]["rsum"], 1) for rec in map(json.loads, lines) if rec.get("event") == "val"
     ]

@@ -43,6 +43,12 @@ def _bags(texts_per_image: list[list[str]]) -> tuple[torch.Tensor, int]:
     return torch.sparse_coo_tensor(idx, vals, (n, v), check_invariants=True).coalesce(), v
 
 
+def tfidf_rows(texts_per_item: list[list[str]]) -> torch.Tensor:
+    """(N, V) sparse L2-normalised TF-IDF rows, one per item (the union of its texts' words):
+    the dot product of two rows is their TF-IDF cosine."""
+    return _bags(texts_per_item)[0]
+
+
 def lexical_neighbours(
     texts_per_image: list[list[str]], k: int, chunk_size: int = 1024
 ) -> np.ndarray:

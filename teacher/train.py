@@ -39,9 +39,14 @@ log = logging.getLogger(__name__)
 
 
 class _Split:
-    """One split's image paths and captions, with pixel loading and tokenisation helpers."""
+    """One split's image paths and captions, with pixel loading and tokenisation helpers.
 
-    def __init__(self, ds: Dataset, name: str, max_images: int | None = None):
+    ``fits`` holds the (image row, caption row) pairs that truly match: the dataset's full
+    caption-image relation when ``labels`` is "relation" and the dataset has one, else each
+    caption's own image (the labels).
+    """
+
+    def __init__(self, ds: Dataset, name: str, max_images: int | None = None, labels: str = ""):
         images, captions = ds.split(name)
         # An image without captions has no positive pair: it can be neither query nor negative.
         with_captions = images.filter(pl.col("image_id").is_in(captions["image_id"].implode()))
@@ -58,6 +63,21 @@ class _Split:
         self.captions_of = [[] for _ in self.paths]
         for c, r in enumerate(self.caption_image):
             self.captions_of[r].append(c)
+        rows = ds.relation_rows(images, captions) if labels == "relation" else None
+        if rows is None:
+            rows = (self.caption_image, np.arange(len(self.caption_image)))
+        self.fits = set(zip(rows[0].tolist(), rows[1].tolist(), strict=True))
+
+    def fit_matrix(self, rows: np.ndarray, caps: list[int]) -> torch.Tensor:
+        """(B, B) bool: image ``rows[a]`` truly matches caption ``caps[b]``."""
+        return torch.tensor([[(int(r), c) in self.fits for c in caps] for r in rows])
+
+    def match_matrix(self) -> np.ndarray:
+        """(N, M) bool over the whole split: which captions truly match which images."""
+        out = np.zeros((len(self.paths), len(self.texts)), dtype=bool)
+        if self.fits:
+            out[tuple(np.array(sorted(self.fits)).T)] = True
+        return out
 
     def pixels(self, processor, rows: np.ndarray) -> torch.Tensor:
         images = []
@@ -114,10 +134,16 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
             f"output '{out}' already exists; choose another --out or pass --overwrite"
         )
     ds = Dataset.load(cfg.data)
-    train = _Split(ds, "train")
+    if cfg.labels == "relation" and ds.relation is None:
+        log.info("positives: each caption's own image (the dataset has no relation file)")
+    elif cfg.labels == "relation":
+        log.info("positives: the dataset's full caption-image relation (%s)", ds.meta["relation"])
+    else:
+        log.info("positives: each caption's own image (--labels captions)")
+    train = _Split(ds, "train", labels=cfg.labels)
     val = None
     if cfg.val_images and ds.meta["counts"]["val"]["images"]:
-        val = _Split(ds, "val", cfg.val_images)
+        val = _Split(ds, "val", cfg.val_images, labels="relation")  # scored on both label sets
     device = pick_device(cfg.device)
     tracking.enable(cfg.out, cfg.report_to, cfg.report_dir)
     model, processor = _build_model(cfg, train.texts)
@@ -134,6 +160,8 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
             [[val.texts[c] for c in cs] for cs in val.captions_of], k=cfg.group_size - 1
         )
         val_tokens = _tokenize(processor, model, val.texts)
+        # Scored on the labels and, when the dataset knows more, on the full relation too.
+        val_match = val.match_matrix() if ds.relation is not None else None
 
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -160,11 +188,13 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
                 group["lr"] = lr
 
             # One random caption per image; identical texts of different images are positives
-            # too (a caption cannot be a negative for an image it describes word for word).
+            # too (a caption cannot be a negative for an image it describes word for word), and
+            # so is every pair the relation says matches: never an ITC or ITM negative.
             caps = [train.captions_of[r][rng.integers(len(train.captions_of[r]))] for r in rows]
             texts = [train.texts[c] for c in caps]
             same_image = torch.as_tensor(rows[:, None] == rows[None, :])
             same_text = torch.tensor([[a == b for b in texts] for a in texts])
+            same_text |= train.fit_matrix(rows, caps)
             tok = _tokenize(processor, model, texts)
             with autocast(device):
                 terms = blip_losses(
@@ -202,6 +232,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
                     val_nb,
                     k=cfg.val_k,
                     device=device,
+                    match=val_match,
                 )
             )
         record["seconds"] = round(time.time() - t0, 1)
@@ -215,7 +246,13 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
             break
     bar.close()
 
-    _save(cfg, out, model, processor, history)
+    trained_on = {
+        "dataset_fingerprint": ds.fingerprint,
+        "source": ds.meta.get("source", {}),
+        "relation": ds.meta.get("relation"),
+        "labels": cfg.labels if ds.relation is not None else "captions",
+    }
+    _save(cfg, out, model, processor, history, trained_on)
     tracking.close(cfg.out)
     return {
         "out": str(out),
@@ -230,13 +267,17 @@ def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     }
 
 
-def _save(cfg: TeacherTrainConfig, out: Path, model, processor, history: list[dict]) -> None:
-    """Model, processor, config and metrics land together in one rename."""
+def _save(
+    cfg: TeacherTrainConfig, out: Path, model, processor, history: list[dict], trained_on: dict
+) -> None:
+    """Model, processor, config, metrics and the data it learnt from (``trained_on.json``: the
+    dataset's fingerprint and source, e.g. the demo generator's version) land in one rename."""
     model.eval()
     with atomic.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic.write_json(tmp / "train_config.json", dataclasses.asdict(cfg))
+        atomic.write_json(tmp / "trained_on.json", trained_on)
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
         atomic.write_bytes(tmp / "metrics.jsonl", lines.encode())
 
@@ -252,7 +293,15 @@ def _epoch_line(r: dict) -> str:
         f"itm {r['train_itm']:.3f}",
         f"itm_acc {r['train_itm_acc']:.3f}",
     ]
-    for key in ("itc_rsum", "itm_i2t_R@1", "itm_t2i_R@1", "hard_i2t_R@1", "hard_t2i_R@1"):
+    for key in (
+        "itc_rsum",
+        "itm_i2t_R@1",
+        "itm_t2i_R@1",
+        "hard_i2t_R@1",
+        "hard_t2i_R@1",
+        "hard_full_i2t_R@1",
+        "hard_full_t2i_R@1",
+    ):
         if key in r:
             parts.append(f"{key} {r[key]:.1f}")
     return "  ".join(parts) + f"  ({r['seconds']}s)"

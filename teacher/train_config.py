@@ -43,6 +43,9 @@ class TeacherTrainConfig:
     val_images: int | None = None  # first N val images validated per epoch (400; 1000); 0 = none
     val_k: int | None = None  # validation re-ranks the ITC top-k (default 8; effnet-minilm 16)
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
+    # With "relation", an under-specified caption is a positive for every image the dataset's
+    # relation.parquet says it fits, never a negative (without that file: its own image).
+    labels: str = "relation"  # tiny/BLIP positives: "relation" (full, when present) or "captions"
     overwrite: bool = False  # replace an existing output directory
     embed_dim: int = 256  # effnet-minilm only: width of the prior's (dual encoder's) embedding
     fusion_dim: int = 128  # effnet-minilm only: width of the fusion layers
@@ -109,6 +112,8 @@ class TeacherTrainConfig:
                 f"--fusion-dim {self.fusion_dim} must be a multiple of --fusion-heads "
                 f"{self.fusion_heads}"
             )
+        if self.labels not in ("relation", "captions"):
+            raise ValueError(f"--labels must be relation or captions, got {self.labels!r}")
         if self.itm_loss not in ("softmax", "bce"):
             raise ValueError(f"--itm-loss must be softmax or bce, got {self.itm_loss!r}")
         for name in (

@@ -13,14 +13,25 @@ def test_demo_smoke_then_rerun(tmp_path):
     out = tmp_path / "demo"
     report = run_demo(DemoConfig(out=out, profile="smoke"))
     names = [r["name"] for r in report["rows"]]
-    assert names == ["teacher-rerank", "student-itc", "student-itc-hard", "student-cprd"]
+    assert names == [
+        "teacher-full",
+        "teacher-rerank",
+        "student-itc",
+        "student-itc-hard",
+        "student-cprd",
+    ]
     for row in report["rows"]:
         assert all(0 <= row[k] <= 100 for k in METRIC_KEYS[:-1])
         assert row["rsum"] == sum(row[k] for k in METRIC_KEYS[:-1])
+        # The demo data carries its full relation: a second RSUM where any true match counts.
+        full = row["metrics_full"]
+        assert row["rsum_full"] == full["rsum"] == sum(full[k] for k in METRIC_KEYS[:-1])
+    fn = report["mined_false_negatives"]
+    assert fn["negatives"] > 0 and 0 <= fn["all"] <= 1
     assert report["teacher_cache"]["pairs_scored"] == report["teacher_cache"]["pairs_total"] > 0
     for f in ("report.json", "report.md", "report.png"):
         assert (out / f).stat().st_size > 0
-    assert json.loads((out / "report.json").read_text())["rows"][0]["name"] == "teacher-rerank"
+    assert json.loads((out / "report.json").read_text())["rows"][0]["name"] == "teacher-full"
     for student in ("itc", "itc-hard", "cprd"):
         assert (out / "students" / student / "student.json").is_file()
 
@@ -36,6 +47,7 @@ def test_demo_smoke_then_rerun(tmp_path):
             "mine-candidates",
             "student-itc-hard",
             "student-cprd",
+            "teacher-full",
         )
     )
     assert [r["rsum"] for r in again["rows"]] == [r["rsum"] for r in report["rows"]]
@@ -43,7 +55,7 @@ def test_demo_smoke_then_rerun(tmp_path):
 
 
 def test_shipped_teacher_binds(tmp_path):
-    """data/demo-teacher is current and tells contrast-group siblings apart on a fresh draw.
+    """pipeline/stages/demo-teacher is current and tells contrast-group siblings apart on a fresh draw.
 
     Siblings share every word, so a bag-of-words model sits at 25%; the shipped teacher measured
     about 85% on its own val draw. Scored through the same code as score-teacher.
@@ -56,7 +68,9 @@ def test_shipped_teacher_binds(tmp_path):
     from teacher.model import load_teacher, score_grouped
 
     shipped = _shipped_teacher()
-    assert shipped is not None, "data/demo-teacher is missing or built for another generator"
+    assert shipped is not None, (
+        "pipeline/stages/demo-teacher is missing or built for another generator"
+    )
     generate_demo_data(
         tmp_path / "d", train_images=4, val_images=4, test_images=160, seed=7, progress=False
     )

@@ -155,6 +155,11 @@ def test_train_teacher_short_run_writes_loadable_teacher(demo_dataset: Path, tmp
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_itc", "train_itm", "itc_rsum", "itm_t2i_R@1", "hard_t2i_R@1"):
         assert key in records[-1]
+    # The demo data carries its full relation: positives came from it, val is scored on it too.
+    assert "hard_full_t2i_R@1" in records[-1] and "itm_full_i2t_R@1" in records[-1]
+    trained_on = json.loads((out / "trained_on.json").read_text())
+    assert trained_on["labels"] == "relation"
+    assert trained_on["source"]["generator_version"] == 3
     assert records[-1]["hard_chance_R@1"] == pytest.approx(25.0)
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 5
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -169,3 +174,32 @@ def test_train_config_rejects_bad_values():
         TeacherTrainConfig(data="d", out="o", epochs=0)
     with pytest.raises(ValueError, match="ITM needs negatives"):
         TeacherTrainConfig(data="d", out="o", num_hard_negatives=0, num_random_negatives=0)
+
+
+def test_relation_labels_make_every_true_match_a_positive(tmp_path: Path):
+    """With --labels relation a caption is a positive for every image the relation says it fits
+    (never drawn as a negative); with --labels captions only for its own image."""
+    import polars as pl
+
+    from pipeline.core.dataset import Dataset
+    from pipeline.stages.demo_data import generate_demo_data
+    from teacher.train import _Split
+
+    generate_demo_data(
+        tmp_path / "d", train_images=24, val_images=4, test_images=4, image_size=32,
+        progress=False,
+    )  # fmt: skip
+    ds = Dataset.load(tmp_path / "d")
+    images, captions = ds.split("train")
+    rows = np.arange(images.height)
+    caps = list(range(captions.height))
+    full = _Split(ds, "train", labels="relation").fit_matrix(rows, caps).numpy()
+    own = _Split(ds, "train", labels="captions").fit_matrix(rows, caps).numpy()
+    rel = ds.relation.filter(pl.col("caption_id").is_in(captions["caption_id"].implode()))
+    want = np.zeros_like(full)
+    first_image, first_caption = images["image_id"][0], captions["caption_id"][0]
+    want[rel["image_id"] - first_image, rel["caption_id"] - first_caption] = True
+    np.testing.assert_array_equal(full, want)
+    owner = captions["image_id"].to_numpy() - first_image
+    np.testing.assert_array_equal(own, rows[:, None] == owner[None, :])
+    assert (full & ~own).any() and not (own & ~full).any()

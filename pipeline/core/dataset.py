@@ -4,11 +4,14 @@ Layout of a dataset dir::
 
     images.parquet    image_id, path, split, sha256   (schemas.IMAGES_SCHEMA)
     captions.parquet  caption_id, image_id, caption   (schemas.CAPTIONS_SCHEMA)
+    relation.parquet  optional: image_id, caption_id of every truly matching pair
+                      (schemas.RELATION_SCHEMA, pipeline.relation); listed in dataset.json
     dataset.json      format, version, counts per split, fingerprint, source (written last)
     images/           optional: image files the dataset owns (demo data); imports point elsewhere
 
 The fingerprint is a hash of the content (image bytes, splits, captions, ids), not of paths, so
-moving the image files does not change it while editing one caption does. Every later stage
+moving the image files does not change it while editing one caption does; a relation file is
+part of the content (a dataset without one keeps the fingerprint it always had). Every later stage
 records it, and a cache or candidate set made for another fingerprint is refused.
 """
 
@@ -24,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import atomic
+from pipeline.core.relation import check_relation, matches_per_caption, relation_rows
 from pipeline.core.schemas import (
     CAPTIONS_FILE,
     CAPTIONS_SCHEMA,
@@ -32,6 +36,8 @@ from pipeline.core.schemas import (
     DATASET_VERSION,
     IMAGES_FILE,
     IMAGES_SCHEMA,
+    RELATION_FILE,
+    RELATION_SCHEMA,
     SPLITS,
 )
 
@@ -41,8 +47,11 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fingerprint(images: pl.DataFrame, captions: pl.DataFrame) -> str:
-    """Content hash of a dataset: ids, splits, image bytes (via their sha256) and caption texts."""
+def fingerprint(
+    images: pl.DataFrame, captions: pl.DataFrame, relation: pl.DataFrame | None = None
+) -> str:
+    """Content hash of a dataset: ids, splits, image bytes (via their sha256), caption texts and,
+    when there is one, every pair of the relation (sorted by caption_id, image_id)."""
     h = hashlib.sha256(f"{DATASET_FORMAT}/{DATASET_VERSION}\n".encode())
     for image_id, split, digest in images.select("image_id", "split", "sha256").iter_rows():
         h.update(f"I\t{image_id}\t{split}\t{digest}\n".encode())
@@ -52,6 +61,9 @@ def fingerprint(images: pl.DataFrame, captions: pl.DataFrame) -> str:
         # Length prefix: a caption containing tabs or newlines cannot collide with another layout.
         encoded = text.encode()
         h.update(f"C\t{caption_id}\t{image_id}\t{len(encoded)}\t".encode() + encoded + b"\n")
+    if relation is not None:
+        for image_id, caption_id in relation.select("image_id", "caption_id").iter_rows():
+            h.update(f"R\t{image_id}\t{caption_id}\n".encode())
     return h.hexdigest()
 
 
@@ -68,14 +80,20 @@ def split_counts(images: pl.DataFrame, captions: pl.DataFrame) -> dict[str, dict
 
 
 def write_dataset(
-    out_dir: Path, images: pl.DataFrame, captions: pl.DataFrame, source: dict
+    out_dir: Path,
+    images: pl.DataFrame,
+    captions: pl.DataFrame,
+    source: dict,
+    relation: pl.DataFrame | None = None,
 ) -> dict:
     """Write a dataset's tables and ``dataset.json`` into ``out_dir``; return the metadata.
 
     ``images`` has columns ``path, split, sha256`` (row i gets image_id i); ``captions`` has
-    ``image_id, caption`` (row j gets caption_id j). ``out_dir`` is normally the temporary
-    directory of :func:`pipeline.core.atomic.atomic_dir`, so the whole dataset appears at once.
-    Raises ValueError for an empty dataset, an unknown split or a caption of a missing image.
+    ``image_id, caption`` (row j gets caption_id j); ``relation``, when given, ``image_id,
+    caption_id`` of every truly matching pair in those ids (checked by
+    :func:`pipeline.core.relation.check_relation`). ``out_dir`` is normally the temporary directory
+    of :func:`pipeline.core.atomic.atomic_dir`, so the whole dataset appears at once. Raises
+    ValueError for an empty dataset, an unknown split or a caption of a missing image.
     """
     if images.height == 0:
         raise ValueError("the dataset has no images")
@@ -96,18 +114,28 @@ def write_dataset(
     if orphans.height:
         raise ValueError(f"{orphans.height} captions refer to image ids that do not exist")
 
+    if relation is not None:
+        relation = check_relation(images, captions, relation)
+
     out_dir = Path(out_dir)
     _write_table(images, IMAGES_SCHEMA, out_dir / IMAGES_FILE)
     _write_table(captions, CAPTIONS_SCHEMA, out_dir / CAPTIONS_FILE)
     meta = {
         "format": DATASET_FORMAT,
         "version": DATASET_VERSION,
-        "fingerprint": fingerprint(images, captions),
+        "fingerprint": fingerprint(images, captions, relation),
         "num_images": images.height,
         "num_captions": captions.height,
         "counts": split_counts(images, captions),
         "source": source,
     }
+    if relation is not None:
+        _write_table(relation, RELATION_SCHEMA, out_dir / RELATION_FILE)
+        meta["relation"] = {
+            "file": RELATION_FILE,
+            "pairs": relation.height,
+            "images_per_caption": matches_per_caption(relation),
+        }
     atomic.write_json(out_dir / DATASET_JSON, meta)  # last: its presence marks a complete dataset
     return meta
 
@@ -126,6 +154,7 @@ class Dataset:
     meta: dict
     images: pl.DataFrame  # image_id, path, split, sha256; row i has image_id i
     captions: pl.DataFrame  # caption_id, image_id, caption; row j has caption_id j
+    relation: pl.DataFrame | None = None  # image_id, caption_id of every true match; None: labels
 
     @classmethod
     def load(cls, root: str | Path) -> Dataset:
@@ -159,7 +188,16 @@ class Dataset:
                 f"images and {meta['num_captions']} captions, the tables hold {images.height} "
                 f"and {captions.height}; re-create the dataset"
             )
-        return cls(root=root, meta=meta, images=images, captions=captions)
+        relation = None
+        if meta.get("relation"):  # named by the manifest, never found by looking around
+            relation = _read_table(root / meta["relation"]["file"], RELATION_SCHEMA)
+            if relation.height != meta["relation"]["pairs"]:
+                raise ValueError(
+                    f"dataset '{root}' is inconsistent: {DATASET_JSON} lists "
+                    f"{meta['relation']['pairs']} relation pairs, the table holds "
+                    f"{relation.height}; re-create the dataset"
+                )
+        return cls(root=root, meta=meta, images=images, captions=captions, relation=relation)
 
     @property
     def fingerprint(self) -> str:
@@ -177,6 +215,13 @@ class Dataset:
             )
         captions = self.captions.filter(pl.col("image_id").is_in(images["image_id"].implode()))
         return images, captions
+
+    def relation_rows(self, images: pl.DataFrame, captions: pl.DataFrame):
+        """(image rows (P,), caption rows (P,)) of the true matches among ``images`` and
+        ``captions`` (e.g. one split's tables, rows counted from 0), or None without a relation."""
+        if self.relation is None:
+            return None
+        return relation_rows(self.relation, images, captions)
 
     def image_path(self, path: str) -> Path:
         """Resolve a stored image path (relative to the dataset dir, or absolute)."""
@@ -200,6 +245,7 @@ class Dataset:
                 "max": int(per_image.max()),
             },
             "source": self.meta.get("source", {}),
+            "relation": self.meta.get("relation"),
         }
 
 

@@ -18,6 +18,12 @@ Two ways to call it:
 - streaming, for an evaluator that never holds the matrix: compute each chunk of similarities
   from embeddings, pass it to ``i2t_ranks`` / ``t2i_ranks``, concatenate the ranks, and call
   ``retrieval_metrics_from_ranks``.
+
+**The full relation** (ECCV Caption / CxC style): when a dataset knows every true image-caption
+match, not just the image each caption was written for, the same R@K and RSUM are computed with
+*any* truly matching item counting as a positive, in both directions: ``full_relation_metrics``
+for a matrix, ``relation_ranks`` + ``relation_mask`` for the streaming path. The result has the
+same keys; callers report it under a name of its own (``metrics_full``, ``rsum_full``).
 """
 
 from __future__ import annotations
@@ -104,6 +110,97 @@ def t2i_ranks(sim_chunk: ArrayLike, caption_image: ArrayLike) -> np.ndarray:
     positive_score = sim.gather(1, own[:, None])  # (B, 1)
     beats = sim >= positive_score  # (B, I); includes the own image itself
     return (beats.sum(dim=1) - 1).cpu().numpy().astype(np.int64)
+
+
+def relation_ranks(sim_chunk: ArrayLike, positive: ArrayLike) -> np.ndarray:
+    """Return the (B,) int64 rank of each query's best positive among its non-positives.
+
+    ``sim_chunk`` (B, G) scores B queries against the whole gallery; ``positive`` (B, G) bool
+    marks every gallery item that truly matches each query. Ties count against the query.
+    """
+    sim = _as_tensor(sim_chunk, "sim_chunk", 2)  # (B, G)
+    pos = _as_tensor(positive, "positive", 2).to(sim.device, torch.bool)  # (B, G)
+    if pos.shape != sim.shape:
+        raise ValueError(
+            f"positive {tuple(pos.shape)} must have the shape of sim_chunk {tuple(sim.shape)}"
+        )
+    _check_scores(sim, "sim_chunk")
+    empty = ~pos.any(dim=1)  # (B,)
+    if empty.any():
+        bad = torch.nonzero(empty).flatten()[:5].tolist()
+        raise ValueError(
+            f"query rows {bad} of the chunk have no true match; the relation must hold every "
+            "labelled pair (drop queries without one before evaluating)"
+        )
+    neg_inf = torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device)
+    best = torch.where(pos, sim, neg_inf).amax(dim=1)  # (B,)
+    beats = (sim >= best[:, None]) & ~pos  # (B, G)
+    return beats.sum(dim=1).cpu().numpy().astype(np.int64)
+
+
+def relation_mask(
+    query_rows: ArrayLike, gallery_rows: ArrayLike, start: int, stop: int, n_gallery: int
+) -> torch.Tensor:
+    """(stop - start, G) bool: the true matches of queries ``start..stop-1`` as a dense block.
+
+    The relation is given as pairs: ``query_rows`` (P,) and ``gallery_rows`` (P,) with query row
+    ``query_rows[p]`` matching gallery row ``gallery_rows[p]``, sorted by query row.
+    """
+    q = np.asarray(query_rows, dtype=np.int64)
+    g = np.asarray(gallery_rows, dtype=np.int64)
+    lo, hi = np.searchsorted(q, [start, stop])
+    mask = torch.zeros((stop - start, n_gallery), dtype=torch.bool)
+    mask[torch.from_numpy(q[lo:hi] - start), torch.from_numpy(g[lo:hi])] = True
+    return mask
+
+
+def sort_pairs(image_rows: ArrayLike, caption_rows: ArrayLike, by: str) -> tuple:
+    """The relation's pairs ordered for ``relation_mask``: (query rows, gallery rows) where the
+    queries are images (``by="image"``, for image->text) or captions (``by="caption"``)."""
+    i = np.asarray(image_rows, dtype=np.int64)
+    c = np.asarray(caption_rows, dtype=np.int64)
+    if i.shape != c.shape or i.ndim != 1:
+        raise ValueError(f"image_rows {i.shape} and caption_rows {c.shape} must be equal 1-D")
+    q, g = (i, c) if by == "image" else (c, i)
+    order = np.lexsort((g, q))
+    return q[order], g[order]
+
+
+def full_relation_metrics(
+    sim: ArrayLike, image_rows: ArrayLike, caption_rows: ArrayLike, chunk_size: int = 1024
+) -> dict[str, float]:
+    """``retrieval_metrics`` keys (percent) where any truly matching item counts as correct.
+
+    ``sim`` (I, T) scores every image against every caption; the relation is its true pairs,
+    ``image_rows`` (P,) and ``caption_rows`` (P,) (e.g. from ``Dataset.relation_rows``): an
+    image query is correct at K when any caption true of it is in its top K, a caption query
+    when any image it is true of is.
+    """
+    scores = _as_tensor(sim, "sim", 2)  # (I, T)
+    n_images, n_captions = scores.shape
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    iq, ig = sort_pairs(image_rows, caption_rows, "image")
+    cq, cg = sort_pairs(image_rows, caption_rows, "caption")
+    if iq.size and (iq.max() >= n_images or cq.max() >= n_captions or min(iq.min(), cq.min()) < 0):
+        raise ValueError(
+            f"relation rows must lie within sim's {n_images} images and {n_captions} captions"
+        )
+    i2t = [
+        relation_ranks(
+            scores[s : s + chunk_size],
+            relation_mask(iq, ig, s, min(s + chunk_size, n_images), n_captions),
+        )
+        for s in range(0, n_images, chunk_size)
+    ]
+    t2i = [
+        relation_ranks(
+            scores[:, s : s + chunk_size].T,
+            relation_mask(cq, cg, s, min(s + chunk_size, n_captions), n_images),
+        )
+        for s in range(0, n_captions, chunk_size)
+    ]
+    return retrieval_metrics_from_ranks(np.concatenate(i2t), np.concatenate(t2i))
 
 
 def retrieval_metrics_from_ranks(i2t: ArrayLike, t2i: ArrayLike) -> dict[str, float]:

@@ -35,6 +35,17 @@ CAPTIONS_SCHEMA = pa.schema(
     ]
 )
 
+# Optional: the full caption-image relation, every pair that truly matches (a generated dataset
+# knows it; ECCV Caption / CxC extend COCO's labels towards it). Listed in dataset.json when
+# present; it holds every labelled pair, and pairs never cross splits.
+RELATION_FILE = "relation.parquet"
+RELATION_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),  # an image the caption is true of
+        pa.field("caption_id", pa.int64(), nullable=False),  # sorted by caption_id, image_id
+    ]
+)
+
 # ---- candidates directory (mine-candidates) ---------------------------------------------------
 CANDIDATES_JSON = "candidates.json"  # manifest: model, k, split, fingerprint, files; written last
 CANDIDATES_FILE = "candidates.parquet"

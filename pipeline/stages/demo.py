@@ -1,7 +1,10 @@
 """``cprd demo``: the whole pipeline on the embedded benchmark, on CPU, in minutes.
 
 demo-data -> train-teacher -> student (ITC) -> mine-candidates -> score-teacher ->
-student (ITC, hard batches: the control) -> student (CPRD) -> evaluate all on test -> report.
+student (ITC, hard batches: the control) -> student (CPRD) -> evaluate all on test, plus the
+teacher ranking every test pair (teacher-full) -> report. Rows carry RSUM on the dataset's labels
+(``rsum``) and on its full caption-image relation (``rsum_full``), and the report the fraction of
+mined negatives that are true matches.
 
 Every stage writes under ``out`` and is skipped when its output is already there, so a re-run
 (or a run after a crash) redoes only what is missing, and the report says what was reused:
@@ -23,11 +26,12 @@ from pipeline.core.schemas import CANDIDATES_JSON, DATASET_JSON
 
 log = logging.getLogger(__name__)
 
-# The demo's teacher, trained once by `cprd train-teacher` (about 20 minutes on 2 CPU cores:
-# longer than the whole demo may take) on a separate draw of the same generator; its README.md
-# has the two commands that rebuild it. Used only while its generator version is current. It
-# ships as package data (pyproject.toml) and is found through importlib.resources, so a
-# non-editable install finds it too (tests/test_package_data.py).
+# The demo's teacher, trained once by `cprd train-teacher` (longer than the whole demo may take)
+# on a separate, larger draw of the same generator, with its full caption-image relation as
+# labels; `make demo-teacher` rebuilds it (its README.md). Used only while the generator version
+# it was trained on (its trained_on.json) is current. It ships as package data (pyproject.toml)
+# and is found through importlib.resources, so a non-editable install finds it too
+# (tests/test_package_data.py).
 SHIPPED_TEACHER = Path(str(resources.files("pipeline.stages") / "demo-teacher"))
 DEMO_MARKER = "demo.json"  # marks a directory as a demo run (a re-run may replace its stages)
 
@@ -46,7 +50,9 @@ class DemoProfile:
     neighbours: int = 1  # hard batching: neighbour pairs per seed (1 keeps epochs 2x, not 4x)
     warmup: int = 10  # lr warmup steps of teacher and students (the defaults of 100 would
     # outlast a whole short demo run)
-    shipped_teacher: bool = True  # use data/demo-teacher (trained once) instead of training one
+    shipped_teacher: bool = (
+        True  # use pipeline/stages/demo-teacher (trained once) instead of training one
+    )
 
 
 PROFILES = {
@@ -248,21 +254,41 @@ def run_demo(cfg: DemoConfig) -> dict:
         ),
     )
 
-    rows = []
+    from pipeline.stages.report import row
+
+    t0 = time.perf_counter()
+    full = _teacher_full(data, teacher, out / "teacher-full", cfg.device)
+    rows = [
+        row(
+            "teacher-full",
+            full["metrics"],
+            full["metrics_full"],
+            note=f"the teacher ranks all {full['pairs']} test pairs",
+        )
+    ]
+    stages.records.append(
+        {
+            "stage": "teacher-full",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "reused": full["reused"],
+            "note": "every test pair",
+        }
+    )
     base = EvalConfig(data=data, student=str(students / "itc"), split="test", device=cfg.device)
     t0 = time.perf_counter()
     itc = evaluate(replace(base, rerank_teacher=str(teacher), rerank_k=p.rerank_k))
     rows.append(
-        {
-            "name": "teacher-rerank",
-            **itc["rerank_metrics"],
-            "note": f"ITC student's top-{p.rerank_k} re-ranked by the teacher",
-        }
+        row(
+            "teacher-rerank",
+            itc["rerank_metrics"],
+            itc.get("rerank_metrics_full"),
+            note=f"ITC student's top-{p.rerank_k} re-ranked by the teacher",
+        )
     )
-    rows.append({"name": "student-itc", **itc["metrics"]})
+    rows.append(row("student-itc", itc["metrics"], itc.get("metrics_full")))
     for name in ("itc-hard", "cprd"):
         res = evaluate(replace(base, student=str(students / name)))
-        rows.append({"name": f"student-{name}", **res["metrics"]})
+        rows.append(row(f"student-{name}", res["metrics"], res.get("metrics_full")))
     stages.records.append(
         {
             "stage": "evaluate",
@@ -272,9 +298,20 @@ def run_demo(cfg: DemoConfig) -> dict:
         }
     )
 
+    from pipeline.core.candidates import read_manifest
     from pipeline.stages.report import write_report
 
-    return write_report(out, rows, stages.records, score, profile=cfg.profile)
+    mined = {"mined_false_negatives": read_manifest(cand).get("false_negatives")}
+    return write_report(out, rows, stages.records, score, profile=cfg.profile, extra=mined)
+
+
+def _teacher_full(data: Path, teacher: Path, out: Path, device: str | None) -> dict:
+    """The teacher ranking every test pair (kept under ``out``, reused while unchanged)."""
+    from pipeline.stages.teacher_full import teacher_full_metrics
+    from teacher.model import load_teacher
+
+    loaded = load_teacher(str(teacher), device=device)
+    return teacher_full_metrics(Dataset.load(data), "test", loaded, out=out)
 
 
 def _claim(out: Path) -> None:
@@ -308,11 +345,11 @@ def _shipped_teacher() -> Path | None:
     """The shipped demo teacher, or None (with a warning) when it is absent or out of date."""
     from pipeline.stages.demo_data import GENERATOR_VERSION
 
-    marker = SHIPPED_TEACHER / "demo_teacher.json"
+    marker = SHIPPED_TEACHER / "trained_on.json"  # written by train-teacher beside the model
     if not marker.is_file():
         log.warning("no shipped teacher at %s: training one (slow, see its README)", marker.parent)
         return None
-    version = json.loads(marker.read_text())["generator_version"]
+    version = json.loads(marker.read_text())["source"].get("generator_version")
     if version != GENERATOR_VERSION:
         log.warning(
             "shipped teacher was trained on demo-data version %s, this is %s: training one",

@@ -10,6 +10,11 @@ Within a split, images 4g..4g+3 (counted from the split's first image) form grou
 slot k of all four members uses the same template; the last group may be partial. Randomness comes
 from ``numpy.random.default_rng`` seeded per (seed, split, group), so the same arguments give the
 same bytes, and resizing one split changes neither the other splits nor its own leading groups.
+
+Versions (``version=``, ``cprd demo-data --generator-version``): 3, the default, adds captions
+that fit more images than their own and repeated scenes, and writes the full caption-image
+relation beside the dataset (pipeline.demo_captions); 2, every caption true of exactly one image
+of its split, stays reproducible byte for byte.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from tqdm import tqdm
 from pipeline.core.atomic import atomic_dir, check_out
 from pipeline.core.dataset import hash_bytes, write_dataset
 from pipeline.core.schemas import DATASET_JSON
+from pipeline.stages import demo_captions as v3
 
-GENERATOR_VERSION = 2  # bump whenever the same arguments would produce different bytes
+GENERATOR_VERSION = 3  # the default; bump whenever the same arguments would give other bytes
+VERSIONS = (2, 3)  # every version this module still reproduces
 GROUP_SIZE = 4
 MIN_IMAGE_SIZE = 32  # below this a 20%-of-side star is a handful of pixels, not a star
 SPLIT_KEYS = {"train": 0, "val": 1, "test": 2}  # fixed sub-seed keys: never derive from order
@@ -85,8 +92,12 @@ Scene = tuple[Obj, Obj]  # (first, second) along the axis
 Box = tuple[int, int, int]  # (left, top, side) in pixels
 
 
-def _check_args(sizes: dict[str, int], captions_per_image: int, image_size: int, seed: int) -> None:
+def _check_args(
+    sizes: dict[str, int], captions_per_image: int, image_size: int, seed: int, version: int
+) -> None:
     """Guarantee usable options: raise ValueError naming the flag, the bad value and the bound."""
+    if version not in VERSIONS:
+        raise ValueError(f"--generator-version must be one of {list(VERSIONS)}, got {version}")
     for split, n in sizes.items():
         if n < 1:
             raise ValueError(f"--{split}-images must be >= 1, got {n}")
@@ -201,6 +212,35 @@ def _split_images(
             )
 
 
+def _split_images_v3(
+    split: str, n: int, captions_per_image: int, size: int, seed: int
+) -> Iterator[tuple[bytes, list[tuple[str, tuple]], list[tuple]]]:
+    """Yield (PNG bytes, [(caption, key)], scene keys) for the n images of a split (version 3)."""
+    key = SPLIT_KEYS[split]
+    n_groups = math.ceil(n / GROUP_SIZE)
+    combos = _combo_order(np.random.default_rng([seed, key, 0, 0]), n_groups)
+    plan = v3.caption_plan(captions_per_image)
+    groups: list[tuple[str, list[Scene]]] = []
+    for g, combo in enumerate(combos):
+        rng = np.random.default_rng([seed, key, 1, g])  # per group: a prefix never shifts
+        if g and rng.random() < v3.REPEAT_FRACTION:
+            axis, scenes = groups[int(rng.integers(g))]  # the same four scenes, drawn anew
+        else:
+            axis, scenes = _group_scenes(combo, rng)
+        groups.append((axis, scenes))
+        offset = int(rng.integers(len(TEMPLATES[axis])))  # one template rotation per group
+        kinds = [v3.UNDER_KINDS[i] for i in rng.permutation(len(v3.UNDER_KINDS))]
+        for scene in scenes[: n - g * GROUP_SIZE]:
+            full = _captions(scene, axis, offset, captions_per_image)  # step j at full[j]
+            caps = [
+                (full[i], v3.full_key(scene, axis))
+                if is_full
+                else v3.under_caption(kinds[i % len(kinds)], scene, axis)
+                for is_full, i in plan
+            ]
+            yield _render(scene, axis, size, rng), caps, v3.scene_keys(scene, axis)
+
+
 def generate_demo_data(
     out: Path,
     *,
@@ -212,30 +252,49 @@ def generate_demo_data(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    version: int = GENERATOR_VERSION,
 ) -> dict:
-    """Write the demo dataset to `out` atomically; return the dataset metadata dict."""
+    """Write the demo dataset to `out` atomically; return the dataset metadata dict.
+
+    ``version`` 3 (the default) also writes the full caption-image relation (relation.parquet);
+    ``version`` 2 reproduces the datasets of that generator byte for byte.
+    """
     sizes = {"train": train_images, "val": val_images, "test": test_images}
-    _check_args(sizes, captions_per_image, image_size, seed)
+    _check_args(sizes, captions_per_image, image_size, seed, version)
     check_out(out, overwrite, DATASET_JSON)
     images: list[dict] = []
     captions: list[dict] = []
+    relation: tuple[list[int], list[int]] = ([], [])  # (image ids, caption ids), version 3
     bar = tqdm(
         total=sum(sizes.values()), desc="drawing demo images", unit="img", disable=not progress
     )
     with atomic_dir(out, overwrite=overwrite, expect=DATASET_JSON) as tmp, bar:
         for split, n in sizes.items():
             (tmp / "images" / split).mkdir(parents=True)
-            for i, (png, caps) in enumerate(
-                _split_images(split, n, captions_per_image, image_size, seed)
-            ):
+            if version == 2:
+                drawn = (
+                    (png, [(c, None) for c in caps], [])
+                    for png, caps in _split_images(split, n, captions_per_image, image_size, seed)
+                )
+            else:
+                drawn = _split_images_v3(split, n, captions_per_image, image_size, seed)
+            image_keys, caption_keys = [], []  # this split's, for the relation
+            for i, (png, caps, keys) in enumerate(drawn):
                 path = f"images/{split}/{i:06d}.png"
                 (tmp / path).write_bytes(png)  # atomic_dir renames the whole tree at the end
-                captions.extend({"image_id": len(images), "caption": c} for c in caps)
+                image_keys.append((len(images), keys))
+                caption_keys += [(len(captions) + j, key) for j, (_, key) in enumerate(caps)]
+                captions.extend({"image_id": len(images), "caption": c} for c, _ in caps)
                 images.append({"path": path, "split": split, "sha256": hash_bytes(png)})
                 bar.update()
+            if version == 3:
+                for ids, more in zip(
+                    relation, v3.relation_pairs(image_keys, caption_keys), strict=True
+                ):
+                    ids.extend(more)
         source = {
             "kind": "demo-data",
-            "generator_version": GENERATOR_VERSION,
+            "generator_version": version,
             "seed": seed,
             "image_size": image_size,
             "captions_per_image": captions_per_image,
@@ -244,5 +303,13 @@ def generate_demo_data(
             "test_images": test_images,
             "group_size": GROUP_SIZE,  # images 4g..4g+3 of each split form contrast group g
         }
-        meta = write_dataset(tmp, pl.DataFrame(images), pl.DataFrame(captions), source)
+        rel = None
+        if version == 3:
+            source["underspecified_slots"] = list(range(v3.FULL_SLOTS, v3.SLOT_CYCLE))
+            source["repeat_fraction"] = v3.REPEAT_FRACTION
+            rel = pl.DataFrame(
+                {"image_id": relation[0], "caption_id": relation[1]},
+                schema={"image_id": pl.Int64, "caption_id": pl.Int64},
+            )
+        meta = write_dataset(tmp, pl.DataFrame(images), pl.DataFrame(captions), source, rel)
     return meta

@@ -1,5 +1,9 @@
 """``cprd evaluate``: Recall@1/5/10 in both directions and RSUM for a dual encoder on one split.
 
+On the dataset's labels always; when the dataset carries its full caption-image relation
+(``relation.parquet``), also where any truly matching item counts (``metrics_full``,
+``rsum_full``; pipeline.metrics).
+
 Letters in shape comments: N images, M captions, D embedding width, B queries in a chunk.
 """
 
@@ -12,7 +16,13 @@ import numpy as np
 import torch
 
 from pipeline.core.dataset import Dataset
-from pipeline.core.metrics import ranks_from_embeddings, retrieval_metrics_from_ranks
+from pipeline.core.metrics import (
+    ranks_from_embeddings,
+    relation_mask,
+    relation_ranks,
+    retrieval_metrics_from_ranks,
+    sort_pairs,
+)
 from pipeline.torchkit.encode import encode_split, pick_device
 
 
@@ -32,8 +42,55 @@ class EvalConfig:
     rerank_score: str = "itm"  # itm: ITM logit alone; itm+itc: plus the cosine (LAVIS)
 
 
+def full_ranks_from_embeddings(
+    image: np.ndarray,
+    caption: np.ndarray,
+    image_rows: np.ndarray,
+    caption_rows: np.ndarray,
+    chunk_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t ranks (N,), t2i ranks (M,)) where any true match counts, never holding N x M.
+
+    The relation is its pairs: ``image_rows`` (P,) and ``caption_rows`` (P,), rows of ``image``
+    and ``caption`` (``Dataset.relation_rows``).
+    """
+    img, cap = torch.from_numpy(image), torch.from_numpy(caption)  # (N, D), (M, D)
+    iq, ig = sort_pairs(image_rows, caption_rows, "image")
+    cq, cg = sort_pairs(image_rows, caption_rows, "caption")
+    n, m = len(img), len(cap)
+    i2t = [
+        relation_ranks(
+            img[s : s + chunk_size] @ cap.T, relation_mask(iq, ig, s, min(s + chunk_size, n), m)
+        )
+        for s in range(0, n, chunk_size)
+    ]
+    t2i = [
+        relation_ranks(
+            cap[s : s + chunk_size] @ img.T, relation_mask(cq, cg, s, min(s + chunk_size, m), n)
+        )
+        for s in range(0, m, chunk_size)
+    ]
+    return np.concatenate(i2t), np.concatenate(t2i)
+
+
+def relation_metrics(
+    ds: Dataset, images, captions, image: np.ndarray, caption: np.ndarray, chunk_size: int = 1024
+) -> dict[str, float] | None:
+    """R@K and RSUM on the dataset's full relation for one split's embeddings, or None when the
+    dataset has no relation. ``images``/``captions`` are the split's tables (``ds.split``), in
+    the row order of ``image`` (N, D) and ``caption`` (M, D)."""
+    rows = ds.relation_rows(images, captions)
+    if rows is None:
+        return None
+    return retrieval_metrics_from_ranks(
+        *full_ranks_from_embeddings(image, caption, *rows, chunk_size)
+    )
+
+
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
-    """Encode the split and return ``{"split", "model", "images", "captions", "metrics"}``."""
+    """Encode the split and return ``{"split", "model", "images", "captions", "metrics"}``,
+    plus ``metrics_full`` and ``rsum_full`` (and ``rerank_metrics_full``) when the dataset
+    carries its full caption-image relation."""
     from student.models import load_model
 
     ds = Dataset.load(cfg.data)
@@ -57,13 +114,17 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     }
     if cfg.teacher_scores is not None:
         result["ranking_agreement"] = _agreement(cfg, ds, images, captions, img, cap)
+    full = relation_metrics(ds, images, captions, img, cap, cfg.chunk_size)
+    if full is not None:
+        result["metrics_full"] = full
+        result["rsum_full"] = full["rsum"]
     if cfg.rerank_teacher:
-        from pipeline.stages.rerank import rerank_metrics
+        from pipeline.stages.rerank import rerank_both
         from teacher.model import load_teacher
 
         teacher = load_teacher(cfg.rerank_teacher, device=device)
         paths = [ds.image_path(p) for p in images["path"]]
-        result["rerank_metrics"] = rerank_metrics(
+        labelled, full = rerank_both(
             img,
             cap,
             owner,
@@ -71,10 +132,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             paths,
             captions["caption"].to_list(),
             cfg.rerank_k,
+            ds.relation_rows(images, captions),
             progress=progress,
             score=cfg.rerank_score,
         )
         result["rerank_score"] = cfg.rerank_score
+        result["rerank_metrics"] = labelled
+        if full is not None:
+            result["rerank_metrics_full"] = full
         result["rerank_k"] = cfg.rerank_k
     return result
 

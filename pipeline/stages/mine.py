@@ -10,12 +10,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import torch
 
 from pipeline.core import atomic
 from pipeline.core.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
 from pipeline.core.dataset import Dataset
+from pipeline.core.relation import false_negative_rate
 from pipeline.core.schemas import CANDIDATES_JSON
 from pipeline.core.search import INDEXES, approximate_recall, topk_search
 from pipeline.torchkit.encode import encode_split, pick_device
@@ -170,6 +172,11 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         cfg.index,
     )
     recall = None if cfg.index == "flat" else {"i2t": rec_i2t, "t2i": rec_t2i}
+    false_negatives = None
+    if ds.relation is not None:  # how many mined "negatives" the dataset knows to be matches
+        cand = pl.from_arrow(pa.concat_tables([i2t, t2i]))
+        false_negatives = false_negative_rate(cand, ds.relation)
+        log.info("false negatives among mined non-positives: %s", false_negatives)
     if recall:
         log.info(
             "%s index recall@k vs exact search: i2t %.4f, t2i %.4f", cfg.index, rec_i2t, rec_t2i
@@ -183,6 +190,7 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         "k_used": {"i2t": k_i2t, "t2i": k_t2i},
         "index": cfg.index,
         "index_recall": recall,
+        "false_negatives": false_negatives,  # None: the dataset has no relation
         "counts": {
             "images": len(emb.image_ids),
             "captions": len(emb.caption_ids),

@@ -10,19 +10,43 @@ from pipeline.core import atomic
 from pipeline.core.metrics import METRIC_KEYS
 
 STUDENTS = ("itc", "itc-hard", "cprd")
+# Optional columns, shown when some row has them: RSUM where any truly matching item counts
+# (the dataset's full relation), and the student's ranking agreement with the teacher.
+EXTRA_COLUMNS = {"rsum_full": "rsum_full", "ranking_agreement": "agreement"}
+
+
+def row(name: str, metrics: dict, metrics_full: dict | None = None, **extra) -> dict:
+    """One report row: ``name``, the labelled-protocol metrics, ``rsum_full`` and ``metrics_full``
+    (None when the dataset has no relation), and any extra fields (e.g. ``ranking_agreement``,
+    ``note``)."""
+    return {
+        "name": name,
+        **metrics,
+        "rsum_full": None if metrics_full is None else metrics_full["rsum"],
+        "metrics_full": metrics_full,
+        **extra,
+    }
 
 
 def table(rows: list[dict], seconds: dict[str, float] | None = None) -> str:
-    """A fixed-width table: one row per model, the six recalls, RSUM and wall time."""
+    """A fixed-width table: one row per model, the six recalls, RSUM, RSUM on the full relation
+    and the ranking agreement (when some row has them), and wall time."""
     seconds = seconds or {}
     width = max(len(r["name"]) for r in rows) + 2
-    head = f"{'':<{width}}" + "".join(f"{k:>10}" for k in METRIC_KEYS) + f"{'time s':>9}"
+    extra = [k for k in EXTRA_COLUMNS if any(r.get(k) is not None for r in rows)]
+    head = (
+        f"{'':<{width}}"
+        + "".join(f"{k:>10}" for k in METRIC_KEYS)
+        + "".join(f"{EXTRA_COLUMNS[k]:>10}" for k in extra)
+        + f"{'time s':>9}"
+    )
     lines = [head]
     for r in rows:
         t = seconds.get(r["name"])
         lines.append(
             f"{r['name']:<{width}}"
             + "".join(f"{r[k]:>10.2f}" for k in METRIC_KEYS)
+            + "".join(f"{r[k]:>10.2f}" if r.get(k) is not None else f"{'':>10}" for k in extra)
             + (f"{t:>9.0f}" if t is not None else f"{'':>9}")
         )
     return "\n".join(lines)
@@ -33,13 +57,20 @@ def _row_seconds(stages: list[dict]) -> dict[str, float]:
     by = {s["stage"]: s["seconds"] for s in stages}
     out = {f"student-{n}": by.get(f"student-{n}", 0.0) for n in STUDENTS}
     out["teacher-rerank"] = by.get("train-teacher", 0.0) + by.get("score-teacher", 0.0)
+    out["teacher-full"] = by.get("teacher-full", 0.0)
     return out
 
 
 def write_report(
-    out: Path, rows: list[dict], stages: list[dict], score: dict, profile: str
+    out: Path,
+    rows: list[dict],
+    stages: list[dict],
+    score: dict,
+    profile: str,
+    extra: dict | None = None,
 ) -> dict:
-    """Write report.json, report.md and report.png under ``out``; return the report dict."""
+    """Write report.json, report.md and report.png under ``out``; return the report dict
+    (``extra``'s keys are added to it, e.g. the mined negatives' false-negative rate)."""
     out = Path(out)
     seconds = _row_seconds(stages)
     by = {r["name"]: r for r in rows}
@@ -70,6 +101,7 @@ def write_report(
             "miner": score.get("miner_score"),
         },
         "verdict": verdict,
+        **(extra or {}),
     }
     atomic.write_json(out / "report.json", report)
     atomic.write_bytes(out / "report.md", _markdown(report, rows, seconds).encode())
@@ -85,7 +117,14 @@ def summary_lines(report: dict) -> list[str]:
         if v["gap_closed"] is not None
         else "The teacher re-ranking is not above ITC."
     )
-    return [
+    lines = []
+    fn = report.get("mined_false_negatives")
+    if fn and fn.get("all") is not None:
+        lines.append(
+            f"Mined negatives that are true matches (the dataset's full relation): {fn['all']:.1%} "
+            f"({fn['false_negatives']} of {fn['negatives']}); `rsum_full` counts any true match."
+        )
+    return lines + [
         f"Teacher cache: {c['pairs_total']} unique pairs, {c['pairs_scored']} scored in this run"
         + (
             " (all reused from the cache)."

@@ -12,7 +12,14 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core.candidates import candidate_pairs
-from pipeline.core.metrics import i2t_ranks, retrieval_metrics_from_ranks, t2i_ranks
+from pipeline.core.metrics import (
+    i2t_ranks,
+    relation_mask,
+    relation_ranks,
+    retrieval_metrics_from_ranks,
+    sort_pairs,
+    t2i_ranks,
+)
 from pipeline.core.search import topk_search
 from teacher.scoring import score_pairs
 
@@ -38,6 +45,28 @@ def rerank_metrics(
     ``score``: ``itm`` ranks by the teacher's ITM match logit alone; ``itm+itc`` by that logit
     plus the first stage's cosine similarity, LAVIS's protocol (its BLIP/ALBEF retrieval
     evaluation adds the ITC similarity that chose the top-K to the ITM logit).
+    """
+    return rerank_both(
+        image, caption, owner, teacher, image_paths, texts, k, None, batch_size, progress, score
+    )[0]
+
+
+def rerank_both(
+    image: np.ndarray,
+    caption: np.ndarray,
+    owner: np.ndarray,
+    teacher,
+    image_paths: list,
+    texts: list[str],
+    k: int,
+    relation: tuple[np.ndarray, np.ndarray] | None,
+    batch_size: int = 64,
+    progress: bool = True,
+    score: str = "itm",
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """(``rerank_metrics`` on the labels, the same on the full relation or None without one).
+
+    ``relation`` is (image rows (P,), caption rows (P,)) of every true match among these rows.
     """
     if score not in RERANK_SCORES:
         raise ValueError(f"--rerank-score must be one of {', '.join(RERANK_SCORES)}, got {score!r}")
@@ -83,4 +112,12 @@ def rerank_metrics(
     owner_t = torch.as_tensor(owner)
     i2t = i2t_ranks(i2t_sim, torch.arange(len(image)), owner_t)
     t2i = t2i_ranks(t2i_sim, owner_t)
-    return retrieval_metrics_from_ranks(i2t, t2i)
+    labelled = retrieval_metrics_from_ranks(i2t, t2i)
+    if relation is None:
+        return labelled, None
+    i_mask = relation_mask(*sort_pairs(*relation, by="image"), 0, len(image), len(caption))
+    c_mask = relation_mask(*sort_pairs(*relation, by="caption"), 0, len(caption), len(image))
+    full = retrieval_metrics_from_ranks(
+        relation_ranks(i2t_sim, i_mask), relation_ranks(t2i_sim, c_mask)
+    )
+    return labelled, full
