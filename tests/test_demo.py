@@ -19,7 +19,12 @@ def test_demo_smoke_then_rerun(tmp_path):
         "student-itc",
         "student-itc-hard",
         "student-cprd",
+        "student-kl",
     ]
+    students = [r for r in report["rows"] if r["name"].startswith("student-")]
+    for row in students:  # agreement with the teacher over the scored test candidates, val RSUM
+        assert -1 <= row["ranking_agreement"] <= 1 and row["val_rsum"] is not None
+    assert report["best_student"] == max(students, key=lambda r: r["val_rsum"])["name"]
     for row in report["rows"]:
         assert all(0 <= row[k] <= 100 for k in METRIC_KEYS[:-1])
         assert row["rsum"] == sum(row[k] for k in METRIC_KEYS[:-1])
@@ -32,7 +37,7 @@ def test_demo_smoke_then_rerun(tmp_path):
     for f in ("report.json", "report.md", "report.png"):
         assert (out / f).stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["rows"][0]["name"] == "teacher-full"
-    for student in ("itc", "itc-hard", "cprd"):
+    for student in ("itc", "itc-hard", "cprd", "kl"):
         assert (out / "students" / student / "student.json").is_file()
 
     again = run_demo(DemoConfig(out=out, profile="smoke"))
@@ -47,6 +52,8 @@ def test_demo_smoke_then_rerun(tmp_path):
             "mine-candidates",
             "student-itc-hard",
             "student-cprd",
+            "student-kl",
+            "mine-candidates test",
             "teacher-full",
         )
     )

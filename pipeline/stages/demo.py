@@ -1,10 +1,12 @@
 """``cprd demo``: the whole pipeline on the embedded benchmark, on CPU, in minutes.
 
-demo-data -> train-teacher -> student (ITC) -> mine-candidates -> score-teacher ->
-student (ITC, hard batches: the control) -> student (CPRD) -> evaluate all on test, plus the
+demo-data -> train-teacher -> student (ITC) -> mine-candidates (train, and test for the ranking
+agreement) -> score-teacher -> students (DEMO_ROWS: ITC on hard batches in the miner's order, the
+teacher-free control; CPRD; KL), all at equal optimizer steps -> evaluate all on test, plus the
 teacher ranking every test pair (teacher-full) -> report. Rows carry RSUM on the dataset's labels
-(``rsum``) and on its full caption-image relation (``rsum_full``), and the report the fraction of
-mined negatives that are true matches.
+(``rsum``) and on its full caption-image relation (``rsum_full``), the students their ranking
+agreement with the teacher (Kendall tau) and their val RSUM; the report names the student best on
+val (the recipe the demo recommends) and the fraction of mined negatives that are true matches.
 
 Every stage writes under ``out`` and is skipped when its output is already there, so a re-run
 (or a run after a crash) redoes only what is missing, and the report says what was reused:
@@ -134,7 +136,37 @@ class _Stages:
         return result
 
 
-def _student(cfg: DemoConfig, p: DemoProfile, out: Path, **kw):
+# Student rows: name -> train-student options beyond the profile's. Every hard row receives each
+# query's top hard_k cached negatives (the trainer's defaults). `itc-hard` is the teacher-free
+# control: the miner's batch order, ground-truth labels. Random batches train 1 + neighbours
+# times the epochs, so every row takes the same number of optimizer steps.
+ROWS: dict[str, dict] = {
+    "itc": {"loss": "none", "batching": "random"},  # plain ITC; the demo's miner
+    "itc-hard": {"loss": "none", "batching_order": "miner"},
+    "itc-teacher-batches": {"loss": "none", "batching_order": "teacher"},  # the teacher via batches
+    "cprd": {"loss": "cprd"},  # teacher-ordered batches, the default with a cache
+    "cprd-miner": {"loss": "cprd", "batching_order": "miner"},
+    "kl": {"loss": "kl"},
+    "listmle": {"loss": "listmle"},
+    "margin-mse": {"loss": "margin-mse"},
+}
+DEMO_ROWS = ("itc", "itc-hard", "cprd", "kl")  # what `cprd demo` trains; the method table: all
+
+
+def train_row(
+    cfg: DemoConfig, p: DemoProfile, name: str, out: Path, cache: Path, cand: Path
+) -> dict:
+    """Train student row ``name`` (ROWS) into ``out`` with the profile's settings."""
+    kw = dict(ROWS[name])
+    epochs = p.student_epochs
+    if kw.get("batching") == "random":
+        epochs *= 1 + p.neighbours  # equal optimizer steps with the hard rows
+    else:
+        kw.update(teacher_scores=cache, candidates=cand)
+    return _student(cfg, p, out, epochs=epochs, **kw)
+
+
+def _student(cfg: DemoConfig, p: DemoProfile, out: Path, epochs: int | None = None, **kw):
     from student.train import train_student
     from student.train_config import StudentTrainConfig
 
@@ -142,7 +174,7 @@ def _student(cfg: DemoConfig, p: DemoProfile, out: Path, **kw):
         data=cfg.out / "data",
         out=out,
         student="tiny",
-        epochs=p.student_epochs,
+        epochs=epochs or p.student_epochs,
         batch_size=p.student_batch,
         seed=cfg.seed,
         device=cfg.device,
@@ -172,7 +204,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     same = _same_data(data, cfg, p)
     if not same:  # new data: nothing trained or mined on the old data may be reused
-        for stale in (teacher, students, out / "candidates"):
+        for stale in (teacher, students, out / "candidates", out / "candidates-test"):
             shutil.rmtree(stale, ignore_errors=True)
     stages.run(
         "demo-data",
@@ -206,7 +238,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages.run(
         "student-itc",
         _done(students / "itc"),
-        lambda: _student(cfg, p, students / "itc", loss="none", batching="random"),
+        lambda: train_row(cfg, p, "itc", students / "itc", None, None),
     )
     cand = out / "candidates"
     stages.run(
@@ -239,20 +271,43 @@ def run_demo(cfg: DemoConfig) -> dict:
         ),
     )
     cache_path = Path(score["cache_path"])
+    # The test split's candidates, scored into the same cache: what the ranking agreement reads.
+    test_cand = out / "candidates-test"
     stages.run(
-        "student-itc-hard",
-        _done(students / "itc-hard"),
-        lambda: _student(
-            cfg, p, students / "itc-hard", loss="none", batching="hard", teacher_scores=cache_path
+        "mine-candidates test",
+        (test_cand / CANDIDATES_JSON).is_file(),
+        lambda: mine_candidates(
+            MineConfig(
+                data=data,
+                student=str(students / "itc"),
+                out=test_cand,
+                split="test",
+                k=p.k,
+                seed=cfg.seed,
+                device=cfg.device,
+                overwrite=True,
+            )
         ),
     )
     stages.run(
-        "student-cprd",
-        _done(students / "cprd"),
-        lambda: _student(
-            cfg, p, students / "cprd", loss="cprd", batching="hard", teacher_scores=cache_path
+        "score-teacher test",
+        False,
+        lambda: score_teacher(
+            ScoreConfig(
+                candidates=test_cand,
+                teacher=str(teacher),
+                cache_dir=out / "cache",
+                shards=p.shards,
+                device=cfg.device,
+            )
         ),
     )
+    for name in DEMO_ROWS[1:]:
+        stages.run(
+            f"student-{name}",
+            _done(students / name),
+            lambda n=name: train_row(cfg, p, n, students / n, cache_path, cand),
+        )
 
     from pipeline.stages.report import row
 
@@ -274,7 +329,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             "note": "every test pair",
         }
     )
-    base = EvalConfig(data=data, student=str(students / "itc"), split="test", device=cfg.device)
+    base = EvalConfig(
+        data=data,
+        student=str(students / "itc"),
+        split="test",
+        device=cfg.device,
+        teacher_scores=cache_path,
+    )
     t0 = time.perf_counter()
     itc = evaluate(replace(base, rerank_teacher=str(teacher), rerank_k=p.rerank_k))
     rows.append(
@@ -285,10 +346,17 @@ def run_demo(cfg: DemoConfig) -> dict:
             note=f"ITC student's top-{p.rerank_k} re-ranked by the teacher",
         )
     )
-    rows.append(row("student-itc", itc["metrics"], itc.get("metrics_full")))
-    for name in ("itc-hard", "cprd"):
-        res = evaluate(replace(base, student=str(students / name)))
-        rows.append(row(f"student-{name}", res["metrics"], res.get("metrics_full")))
+    for name in DEMO_ROWS:
+        res = itc if name == "itc" else evaluate(replace(base, student=str(students / name)))
+        rows.append(
+            row(
+                f"student-{name}",
+                res["metrics"],
+                res.get("metrics_full"),
+                ranking_agreement=agreement(res["ranking_agreement"]),
+                val_rsum=best_val(students / name),
+            )
+        )
     stages.records.append(
         {
             "stage": "evaluate",
@@ -301,8 +369,28 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipeline.core.candidates import read_manifest
     from pipeline.stages.report import write_report
 
-    mined = {"mined_false_negatives": read_manifest(cand).get("false_negatives")}
+    students_by_val = sorted(
+        (r for r in rows if r["name"].startswith("student-") and r["val_rsum"] is not None),
+        key=lambda r: -r["val_rsum"],
+    )
+    mined = {
+        "mined_false_negatives": read_manifest(cand).get("false_negatives"),
+        # the recipe the demo recommends: the student best on val (test never chooses)
+        "best_student": students_by_val[0]["name"] if students_by_val else None,
+    }
     return write_report(out, rows, stages.records, score, profile=cfg.profile, extra=mined)
+
+
+def agreement(ra: dict) -> float:
+    """One number for a row: Kendall tau with the teacher, averaged over both directions."""
+    return round((ra["i2t"]["kendall_tau"] + ra["t2i"]["kendall_tau"]) / 2, 3)
+
+
+def best_val(student_dir: Path) -> float | None:
+    """The val RSUM of the epoch a student kept (how the demo picks its recipe: val only)."""
+    lines = (Path(student_dir) / "metrics.jsonl").read_text().splitlines()
+    vals = [r["val"]["rsum"] for r in map(json.loads, lines) if r.get("event") == "val"]
+    return round(max(vals), 2) if vals else None
 
 
 def _teacher_full(data: Path, teacher: Path, out: Path, device: str | None) -> dict:

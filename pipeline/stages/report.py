@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.core import atomic
 from pipeline.core.metrics import METRIC_KEYS
 
-STUDENTS = ("itc", "itc-hard", "cprd")
+STUDENTS = ("itc", "itc-hard", "cprd", "kl")
 # Optional columns, shown when some row has them: RSUM where any truly matching item counts
 # (the dataset's full relation), and the student's ranking agreement with the teacher.
 EXTRA_COLUMNS = {"rsum_full": "rsum_full", "ranking_agreement": "agreement"}
@@ -80,6 +80,11 @@ def write_report(
         "teacher_above_itc": teacher > itc,
         "cprd_above_itc": cprd > itc,
         "cprd_above_itc_hard": cprd > by["student-itc-hard"]["rsum"],
+        "kl_above_itc_hard": (
+            by["student-kl"]["rsum"] > by["student-itc-hard"]["rsum"]
+            if "student-kl" in by
+            else None
+        ),
         "gap_closed": (cprd - itc) / gap if gap > 0 else None,
     }
     report = {
@@ -124,6 +129,12 @@ def summary_lines(report: dict) -> list[str]:
             f"Mined negatives that are true matches (the dataset's full relation): {fn['all']:.1%} "
             f"({fn['false_negatives']} of {fn['negatives']}); `rsum_full` counts any true match."
         )
+    if report.get("best_student"):
+        best = {r["name"]: r for r in report["rows"]}[report["best_student"]]
+        lines.append(
+            f"Best student on val (the recipe to use): {report['best_student']} (val RSUM "
+            f"{best['val_rsum']:.1f}, test RSUM {best['rsum']:.1f})."
+        )
     return lines + [
         f"Teacher cache: {c['pairs_total']} unique pairs, {c['pairs_scored']} scored in this run"
         + (
@@ -134,8 +145,8 @@ def summary_lines(report: dict) -> list[str]:
             else " (the rest reused)."
         ),
         f"Teacher re-ranking above the ITC student: {v['teacher_above_itc']}. CPRD above ITC: "
-        f"{v['cprd_above_itc']}; above the hard-batch ITC control: {v['cprd_above_itc_hard']}. "
-        + gap,
+        f"{v['cprd_above_itc']}; above the teacher-free hard-batch control: "
+        f"{v['cprd_above_itc_hard']} (KL: {v.get('kl_above_itc_hard')}). " + gap,
     ]
 
 
