@@ -526,8 +526,9 @@ def score_teacher_cmd(
 ):
     """Score every unique candidate pair with the cross-encoder once, into a sharded cache.
 
-    Pairs already in the cache are not scored again; a killed run resumes; N machines can each
-    take a share (--rank/--world-size, torchrun or a Slurm array).
+    The ground-truth pairs of the candidates' split are scored too. Pairs already in the cache
+    are not scored again; a killed run resumes; N machines can each take a share
+    (--rank/--world-size, torchrun or a Slurm array). "complete" means every pair is cached.
 
     Example:
 
@@ -553,12 +554,20 @@ def score_teacher_cmd(
     summary = {"command": "score-teacher", **score_teacher(cfg)}
     if "teacher_score" in summary and not as_json:
         click.echo(_distribution_table(summary["teacher_score"], summary["miner_score"]))
-    state = "complete" if summary["complete"] else "incomplete (other shards pending)"
+    state = (
+        "complete: every pair of these candidates is cached"
+        if summary["complete"]
+        else f"incomplete: {summary['pairs_missing']} pairs not cached yet (other shards pending; "
+        "run the same command again once they finish)"
+    )
+    pos = summary["positives"]
     _emit(
         summary,
         as_json,
         f"scored {summary['pairs_scored']} of {summary['pairs_total']} pairs "
-        f"({summary['shards_written']} shards written, {summary['shards_skipped']} skipped); "
+        f"({summary['pairs_candidates']} of the candidates, {pos['added']} more positives of "
+        f"the split; {pos['cached']} of {pos['total']} positives cached; "
+        f"{summary['shards_written']} shards written, {summary['shards_skipped']} skipped); "
         f"cache {state}: {summary['cache_path']}",
     )
 
@@ -594,6 +603,9 @@ def cache_list(cache_dir, as_json):
         click.echo(json.dumps({"caches": entries}, sort_keys=True))
         return
     for e in entries:
+        if "error" in e:
+            click.echo(f"{e['cache_path']}  unreadable: {e['error']}")
+            continue
         state = "complete" if e["complete"] else f"{e['shards_complete']}/{e['num_shards']} shards"
         click.echo(
             f"{e['cache_path']}  {e['pairs']} pairs  {state}  teacher "
@@ -631,7 +643,8 @@ def cache_info_cmd(path, as_json):
     "--candidates",
     type=click.Path(path_type=Path),
     default=None,
-    help="With --repair: the candidates dir the cache was scored from.",
+    help="Check that every pair score-teacher scores for this candidates dir is cached; "
+    "with --repair, the candidates the cache was scored from.",
 )
 @click.option(
     "--teacher", default=None, help="With --repair: the teacher [default: the one key.json names]."
@@ -640,25 +653,29 @@ def cache_info_cmd(path, as_json):
     "--data",
     type=click.Path(path_type=Path),
     default=None,
-    help="With --repair: dataset dir [default: the one recorded in the candidates].",
+    help="With --candidates: dataset dir [default: the one recorded in the candidates].",
 )
 @click.option("--batch-size", default=64, show_default=True, help="With --repair: caption batch.")
 @device_option
 @json_option
 def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as_json):
     """Check every shard of a cache entry (marker, checksum, rows, hashing, duplicates) and the
-    manifest; exit 1 naming what is damaged. --repair re-scores only the damaged shards.
+    manifest, and with --candidates that every pair of theirs is cached; exit 1 naming what is
+    damaged or missing. --repair re-scores only the damaged shards.
 
     Example:
 
     \b
         cprd cache verify data/cache/0123abcd
+        cprd cache verify data/cache/0123abcd --candidates data/cand
         cprd cache verify data/cache/0123abcd --repair --candidates data/cand
     """
     from pipeline.cache_verify import verify
 
-    if not repair and any(v is not None for v in (candidates, teacher, data)):
-        raise click.UsageError("--candidates, --teacher and --data only go with --repair")
+    if not repair and teacher is not None:
+        raise click.UsageError("--teacher only goes with --repair")
+    if candidates is None and data is not None:
+        raise click.UsageError("--data only goes with --candidates")
     _positive(batch_size=batch_size)
     result = {"command": "cache verify"}
     if repair:
@@ -671,7 +688,7 @@ def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as
         for line in result["warnings"]:
             click.echo(f"warning: {line}", err=True)
     else:
-        result |= verify(path)
+        result |= verify(path, candidates, data)
         report = result
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
@@ -686,6 +703,12 @@ def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as
             click.echo(line)
         for name, what in report["damaged"].items():
             click.echo(f"{name}: {what}")
+        if "coverage" in report:
+            cov = report["coverage"]
+            click.echo(
+                f"candidates {cov['candidates']}: {cov['pairs'] - cov['missing']} of "
+                f"{cov['pairs']} pairs cached ({cov['positives_missing']} positives missing)"
+            )
     if not report["healthy"]:
         raise click.ClickException(_damage_summary(path, report))
     if not as_json:
@@ -701,11 +724,18 @@ def _damage_summary(path: Path, report: dict) -> str:
     what = [f"{len(bad)} of {report['num_shards']} shards damaged ({shown})"] * bool(bad)
     what += ["key.json damaged"] * bool(report["key_problems"])
     what += ["manifest wrong"] * bool(report["manifest"])
-    fix = (
-        "delete it and run `cprd score-teacher` again"
-        if report["key_problems"]
-        else f"repair it with `cprd cache verify {path} --repair --candidates DIR`"
-    )
+    cov = report.get("coverage", {})
+    if cov.get("missing"):
+        what.append(f"{cov['missing']} of {cov['pairs']} pairs of --candidates not cached")
+    if report["key_problems"]:
+        fix = "delete it and run `cprd score-teacher` again"
+    elif bad or report["manifest"]:
+        fix = f"repair it with `cprd cache verify {path} --repair --candidates DIR`"
+    else:
+        fix = (
+            f"score them with `cprd score-teacher --candidates {cov['candidates']} --cache-dir "
+            f"{Path(path).parent}`"
+        )
     return f"cache '{path}': {', '.join(what)}; {fix}"
 
 

@@ -159,8 +159,23 @@ def load_teacher(spec: str, device: str | torch.device | None = None) -> LoadedT
 class TeacherScores:
     """Per image, one float32 array over its captions (in the order given)."""
 
-    logits: list[np.ndarray]  # raw ITM "match" logit, itm_head column 1 (what re-ranking uses)
-    probs: list[np.ndarray]  # softmax(itm_head)[:, 1], the match probability
+    # the log-odds of a match, logit(prob): for the ITM head itm[:, 1] - itm[:, 0]; what the
+    # cache stores as `score` and re-ranking sorts by
+    logits: list[np.ndarray]
+    probs: list[np.ndarray]  # match_prob(logits): sigmoid, equal to softmax(itm_head)[:, 1]
+
+
+def match_prob(log_odds: np.ndarray) -> np.ndarray:
+    """float32 sigmoid of float32 log-odds, computed one way for every teacher, so that a cached
+    ``prob`` is bit-for-bit ``match_prob(score)``."""
+    return torch.sigmoid(torch.from_numpy(np.array(log_odds, dtype=np.float32))).numpy()
+
+
+def itm_log_odds(itm: torch.Tensor) -> torch.Tensor:
+    """(P,) float32 log-odds of a match from (P, 2) ITM head output: logit(match) - logit(no
+    match), so that sigmoid of it is softmax(itm)[:, 1]."""
+    itm = itm.float()
+    return itm[:, 1] - itm[:, 0]
 
 
 def _tokenize(teacher: LoadedTeacher, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -204,8 +219,9 @@ def itm_logits(
 
 
 def _to_scores(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    out = out.float()  # (P, 2)
-    return out[:, 1].cpu().numpy(), out.softmax(dim=-1)[:, 1].cpu().numpy()
+    """(log-odds, match probability) of (P, 2) ITM head output."""
+    score = itm_log_odds(out).cpu().numpy()  # (P,)
+    return score, match_prob(score)
 
 
 @torch.no_grad()

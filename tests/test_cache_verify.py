@@ -128,7 +128,7 @@ def test_incomplete_cache_is_finished_by_repair(clean, entry):
     """Shards never scored (a run stopped early) are reported and scored by --repair."""
     for s in (0, 2):
         cache.discard_shard(entry, s)
-    (entry / "cache.json").unlink()
+    assert not (entry / "cache.json").exists()  # discarding a shard removes the manifest first
     code, report = verify(entry)
     assert code == 1 and sorted(report["damaged"]) == ["shard-00000", "shard-00002"]
     assert "not scored yet" in report["damaged"]["shard-00000"]
@@ -175,9 +175,8 @@ def test_repair_refuses_other_inputs(clean, entry, demo_dataset_master, tiny_tea
         "belongs to another cache",
     )
     assert sorted(p.name for p in entry.iterdir()) == before
-    assert_error(
-        run("cache", "verify", entry, "--candidates", clean["cand"]), "only go with --repair"
-    )
+    assert_error(run("cache", "verify", entry, "--teacher", teacher), "only goes with --repair")
+    assert_error(run("cache", "verify", entry, "--data", tmp_path), "only goes with --candidates")
 
 
 def test_repair_warns_about_pairs_of_other_candidates(clean, entry, small_dataset, tmp_path):
