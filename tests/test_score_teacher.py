@@ -101,7 +101,7 @@ def test_score_is_log_odds(small_dataset, cands, teacher_dir, tmp_path):
     rows = all_rows(Path(s["cache_path"]))
     got_score, got_prob = rows["score"].to_numpy(), rows["prob"].to_numpy()
     np.testing.assert_array_equal(got_prob, match_prob(got_score))
-    np.testing.assert_array_equal(got_prob, torch.sigmoid(torch.from_numpy(got_score)).numpy())
+    np.testing.assert_array_equal(got_prob, torch.sigmoid(torch.tensor(got_score)).numpy())
     ds = Dataset.load(small_dataset)
     paths = dict(ds.images.select("image_id", "path").iter_rows())
     teacher = load_teacher(str(teacher_dir))
@@ -256,6 +256,24 @@ def test_busy_shard_is_left_to_its_owner(cands, teacher_dir, tmp_path):
     assert busy["shards_busy"] == 1 and not busy["complete"]
     assert not (path / "shard-00001.parquet").exists()
     assert score(cands[3], teacher_dir, tmp_path, "--shards", "2")["complete"]
+
+
+def test_incremental_run_with_a_busy_shard_is_not_complete(cands, teacher_dir, tmp_path):
+    """Re-mined candidates while another process holds a shard: every shard has a marker, but
+    that shard lacks the new pairs, so the run says incomplete and leaves no manifest."""
+    first = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    path = Path(first["cache_path"])
+    with cache.shard_lock(path, 1) as got:
+        assert got
+        busy = score(cands[5], teacher_dir, tmp_path, "--shards", "2")
+    assert busy["shards_busy"] == 1 and not busy["complete"] and busy["pairs_missing"] > 0
+    assert all(cache.read_marker(path, s) for s in range(2))
+    assert not (path / "cache.json").exists()  # removed before shard 0 was rewritten
+    with pytest.raises(ValueError, match="incomplete"):
+        cache.load_scores(path)
+    done = score(cands[5], teacher_dir, tmp_path, "--shards", "2")
+    assert done["complete"] and done["pairs_missing"] == 0
+    assert done["pairs_scored"] == busy["pairs_missing"]
 
 
 def test_damaged_shard_detected_and_rescored(cands, teacher_dir, tmp_path):
