@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,13 @@ def load_teacher(spec: str, device: str | torch.device | None = None) -> LoadedT
     else:
         source = spec  # a hub id; offline it resolves from the local HF cache only
     try:
+        # transformers reads safetensors, or a .bin with torch.load(weights_only=True): a
+        # pickled object in a checkpoint is refused, never run; no repository code runs either.
         model, info = BlipForImageTextRetrieval.from_pretrained(source, output_loading_info=True)
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    except pickle.UnpicklingError as e:
+        reason = "its weights hold pickled Python objects besides tensors; cprd does not unpickle"
+        raise _fail(spec, f"{reason} them (that could run code)") from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _fail(spec, reason) from e

@@ -229,7 +229,9 @@ def test_coverage_against_candidates(clean, entry, small_dataset, tmp_path):
     code, report = verify(entry, "--candidates", more)
     assert code == 1 and not report["healthy"] and report["coverage"]["missing"] > 0
     assert report["damaged"] == {} and report["manifest"] == []
-    line = assert_error(run("cache", "verify", entry, "--candidates", more), "pairs of --candidates")
+    line = assert_error(
+        run("cache", "verify", entry, "--candidates", more), "pairs of --candidates"
+    )
     assert f"score-teacher --candidates {more} --cache-dir {entry.parent}" in line
 
     # One positive (a pair the miner may not retrieve) dropped from its shard: found, by name.
