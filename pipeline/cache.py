@@ -1,4 +1,4 @@
-"""The teacher cache: one raw teacher score per unique (image, caption) pair, in N Parquet shards.
+"""The teacher cache: one teacher score (log-odds) per unique (image, caption) pair, in N shards.
 
 Layout of a cache entry ``DIR/<key>/`` (DESIGN 3)::
 
@@ -24,12 +24,7 @@ are not stored: they depend on each query's candidate list and are rebuilt from 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import atomic
-
-log = logging.getLogger(__name__)
+from pipeline.cache_locks import (  # noqa: F401 (used as cache.shard_lock etc.)
+    ENTRY_LOCK,
+    entry_lock,
+    shard_lock,
+    shard_name,
+)
 
 CACHE_FORMAT = "cprd-teacher-cache"
 # 2: `score` is the ITM log-odds logit(match) - logit(no match), prob = sigmoid(score) exactly
@@ -49,7 +48,6 @@ KEY_JSON = "key.json"
 KEY_FIELDS = ("dataset_fingerprint", "teacher_weights_sha256", "preprocessing", "precision")
 PAIR = ["image_id", "caption_id"]
 MANIFEST_JSON = "cache.json"
-ENTRY_LOCK = "cache.lock"
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -60,10 +58,6 @@ SHARD_SCHEMA = pa.schema(
         pa.field("prob", pa.float32(), nullable=False),  # sigmoid(score): the match probability
     ]
 )
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
 
 
 def cache_key(fingerprint: str, teacher_identity: dict) -> tuple[str, dict]:
@@ -253,59 +247,6 @@ def discard_shard(path: Path, shard: int) -> None:
         atomic.fsync_dir(path)
         (path / f"{name}.json").unlink(missing_ok=True)
         atomic.fsync_dir(path)
-
-
-@contextlib.contextmanager
-def shard_lock(path: Path, shard: int) -> Iterator[bool]:
-    """Yield True while this process holds the shard's lock, False if another process does.
-
-    flock is released by the kernel when its holder dies (kill -9 included), so a lock never
-    outlives its owner.
-    """
-    fd = os.open(path / f"{shard_name(shard)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
-def _open_lock(lock: Path, shared: bool) -> int | None:
-    """A descriptor to flock ``lock`` with, or None for a reader of a cache it cannot write."""
-    try:
-        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        if not shared:
-            raise
-    try:
-        return os.open(lock, os.O_RDONLY)
-    except OSError:
-        # A read-only cache without a lock file (another user's, a read-only mount): nobody can
-        # write it either, so reading it unlocked is safe.
-        log.info("%s cannot be created: reading the cache without its lock", lock)
-        return None
-
-
-@contextlib.contextmanager
-def entry_lock(path: Path, shared: bool = False) -> Iterator[None]:
-    """Hold the entry's lock: exclusive to rewrite a shard or the manifest, shared to read them.
-
-    Blocking; exclusive holders only rename files and hash shards, so waits are short. Never
-    nest it in one process: flock treats each open of the file as another owner.
-    """
-    fd = _open_lock(Path(path) / ENTRY_LOCK, shared)
-    if fd is None:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _by_shard(pairs: pl.DataFrame, num_shards: int) -> dict[int, pl.DataFrame]:
