@@ -1,8 +1,9 @@
 """Crash-safety trials: kill -9 score-teacher and train-student at random moments, recover, compare.
 
 score-teacher: each trial starts the real `cprd score-teacher` on a fresh cache, kills it with
-SIGKILL after a random delay (uniform over a clean run's wall time, start-up included), runs the
-same command again to completion and compares every pair's score with the clean run.
+SIGKILL at a random moment after it has loaded the teacher (uniform over 1.5 times a clean run's
+scoring time: start-up is most of a small run and not worth killing), runs the same command
+again to completion and compares every pair's score with the clean run.
 
 train-student: each trial starts `cprd train-student --loss cprd` (reading the clean cache) into a
 fresh dir, kills it the same way, then recovers as a user would: `--resume` when a checkpoint
@@ -122,18 +123,32 @@ def setup(work: Path) -> tuple[list, Path, Path]:
     return cmd, work / "cand-k3", work / "cand-k6"
 
 
-def score_trials(work: Path, cmd: list, trials: int, rng: random.Random) -> tuple[dict, str]:
-    t0 = time.monotonic()
-    clean_summary = run(*cmd, "--cache-dir", work / "clean")
-    wall = time.monotonic() - t0
-    clean = scores(clean_summary["cache_path"])
+def score_trials(
+    work: Path, cmd: list, cand: Path, trials: int, rng: random.Random
+) -> tuple[dict, str]:
+    """Kill one score-teacher per trial at a random moment after it loaded the teacher (uniform
+    over 1.5 times a clean run's scoring time), run it again, compare with the clean run."""
+    from benchmarks import chaos
+
+    ref = chaos.clean_run(work, cmd, cand, cand)
+    clean, clean_path = ref.clean, chaos.summary_of(work / "clean.out")["cache_path"]
     res = {"trials": trials, "interrupted": 0, "identical": 0, "pairs_lost": 0, "failed": 0}
-    res |= {"temporaries_left": 0, "pairs": clean.height, "clean_wall_s": round(wall, 2)}
+    res |= {"temporaries_left": 0, "pairs": clean.height}
+    res |= {"clean_startup_s": round(ref.startup_s, 2), "clean_scoring_s": round(ref.scoring_s, 2)}
     for trial in range(trials):
-        cache_dir = work / f"score{trial}"
-        res["interrupted"] += kill_after([*cmd, "--cache-dir", cache_dir], rng.uniform(0, wall))
+        cache_dir, out = work / f"score{trial}", work / f"score{trial}.out"
+        args = [*cmd, "--candidates", cand, "--cache-dir", cache_dir]
+        worker = chaos.Worker(
+            chaos.spawn(args, out), out, cand, rng.uniform(0, 1.5 * ref.scoring_s)
+        )
+        while worker.proc.poll() is None:
+            if worker.due(time.monotonic()):
+                worker.proc.send_signal(signal.SIGKILL)
+                worker.killed = True
+            time.sleep(0.005)
+        res["interrupted"] += worker.proc.returncode == -signal.SIGKILL
         try:
-            got = scores(run(*cmd, "--cache-dir", cache_dir)["cache_path"])
+            got = scores(run(*args)["cache_path"])
         except RuntimeError as e:
             print(f"score trial {trial}: recovery failed: {e}", file=sys.stderr)
             res["failed"] += 1
@@ -141,7 +156,7 @@ def score_trials(work: Path, cmd: list, trials: int, rng: random.Random) -> tupl
         res["identical"] += got.equals(clean)
         res["pairs_lost"] += clean.join(got, on=["image_id", "caption_id"], how="anti").height
         res["temporaries_left"] += temporaries(cache_dir)
-    return res, clean_summary["cache_path"]
+    return res, clean_path
 
 
 def train_trials(work: Path, cache_path: str, trials: int, rng: random.Random) -> dict:
@@ -205,9 +220,12 @@ def single_body(score: dict, train: dict) -> str:
         f"| train-student | {train['trials']} | {train['interrupted']} | {train['identical']} | "
         f"{train['trials'] - train['identical'] - train['failed']} runs differ | "
         f"{train['temporaries_left']} | {train['failed']} |\n\n"
-        f"score-teacher: {score['pairs']} unique pairs per run, 16 shards; kill delay uniform "
-        f"in [0, {score['clean_wall_s']:.1f} s] (a clean run's wall time, start-up included); "
-        "recovery is the same command again.\n\n"
+        f"score-teacher: {score['pairs']} unique pairs per run (candidates and positives), 16 "
+        "shards; killed at a moment uniform over 1.5 x "
+        f"{score['clean_scoring_s']:.1f} s after its log says the teacher is loaded (a clean "
+        f"run: {score['clean_startup_s']:.1f} s start-up, {score['clean_scoring_s']:.1f} s "
+        "scoring), so kills land in scoring, not in imports; recovery is the same command "
+        "again; identical = every score and prob equal (polars equals) to the clean run.\n\n"
         f"train-student: --loss cprd from that cache, {TRAIN_EPOCHS} epochs, {train['steps']} "
         f"steps, a checkpoint per epoch; kill delay uniform in [0, {train['clean_wall_s']:.1f} "
         f"s]; recovery is --resume when last.pt exists ({train['resumed']} trials), else "
@@ -286,7 +304,7 @@ def main() -> None:
         new = {"concurrent": result, "concurrent_command": command()}
         body = concurrent_body(result)
     else:
-        score, cache_path = score_trials(work, [*cmd, "--candidates", large], args.trials, rng)
+        score, cache_path = score_trials(work, cmd, large, args.trials, rng)
         train = train_trials(work, cache_path, args.train_trials, rng)
         result = {"score_teacher": score, "train_student": train}
         result["total_wall_s"] = round(time.monotonic() - t0, 1)
