@@ -1,7 +1,7 @@
 """Crash-safety trials: kill -9 score-teacher and train-student at random moments, recover, compare.
 
 score-teacher: each trial starts the real `cprd score-teacher` on a fresh cache, kills it with
-SIGKILL at a random moment after it has loaded the teacher (uniform over 1.5 times a clean run's
+SIGKILL at a random moment after it has loaded the teacher (uniform over a clean run's
 scoring time: start-up is most of a small run and not worth killing), runs the same command
 again to completion and compares every pair's score with the clean run.
 
@@ -127,7 +127,7 @@ def score_trials(
     work: Path, cmd: list, cand: Path, trials: int, rng: random.Random
 ) -> tuple[dict, str]:
     """Kill one score-teacher per trial at a random moment after it loaded the teacher (uniform
-    over 1.5 times a clean run's scoring time), run it again, compare with the clean run."""
+    over a clean run's scoring time), run it again, compare with the clean run."""
     from benchmarks import chaos
 
     ref = chaos.clean_run(work, cmd, cand, cand)
@@ -221,7 +221,7 @@ def single_body(score: dict, train: dict) -> str:
         f"{train['trials'] - train['identical'] - train['failed']} runs differ | "
         f"{train['temporaries_left']} | {train['failed']} |\n\n"
         f"score-teacher: {score['pairs']} unique pairs per run (candidates and positives), 16 "
-        "shards; killed at a moment uniform over 1.5 x "
+        "shards; killed at a moment uniform over "
         f"{score['clean_scoring_s']:.1f} s after its log says the teacher is loaded (a clean "
         f"run: {score['clean_startup_s']:.1f} s start-up, {score['clean_scoring_s']:.1f} s "
         "scoring), so kills land in scoring, not in imports; recovery is the same command "
