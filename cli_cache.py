@@ -33,6 +33,9 @@ def cache_list(cache_dir, as_json):
         click.echo(json.dumps({"caches": entries}, sort_keys=True))
         return
     for e in entries:
+        if "error" in e:
+            click.echo(f"{e['cache_path']}  unreadable: {e['error']}")
+            continue
         state = "complete" if e["complete"] else f"{e['shards_complete']}/{e['num_shards']} shards"
         click.echo(
             f"{e['cache_path']}  {e['pairs']} pairs  {state}  teacher "
@@ -70,7 +73,8 @@ def cache_info_cmd(path, as_json):
     "--candidates",
     type=click.Path(path_type=Path),
     default=None,
-    help="With --repair: the candidates dir the cache was scored from.",
+    help="Check that every pair score-teacher scores for this candidates dir is cached; "
+    "with --repair, the candidates the cache was scored from.",
 )
 @click.option(
     "--teacher", default=None, help="With --repair: the teacher [default: the one key.json names]."
@@ -79,25 +83,29 @@ def cache_info_cmd(path, as_json):
     "--data",
     type=click.Path(path_type=Path),
     default=None,
-    help="With --repair: dataset dir [default: the one recorded in the candidates].",
+    help="With --candidates: dataset dir [default: the one recorded in the candidates].",
 )
 @click.option("--batch-size", default=64, show_default=True, help="With --repair: caption batch.")
 @device_option
 @json_option
 def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as_json):
     """Check every shard of a cache entry (marker, checksum, rows, hashing, duplicates) and the
-    manifest; exit 1 naming what is damaged. --repair re-scores only the damaged shards.
+    manifest, and with --candidates that every pair of theirs is cached; exit 1 naming what is
+    damaged or missing. --repair re-scores only the damaged shards.
 
     Example:
 
     \b
         cprd cache verify data/cache/0123abcd
+        cprd cache verify data/cache/0123abcd --candidates data/cand
         cprd cache verify data/cache/0123abcd --repair --candidates data/cand
     """
     from pipeline.core.cache_verify import verify
 
-    if not repair and any(v is not None for v in (candidates, teacher, data)):
-        raise click.UsageError("--candidates, --teacher and --data only go with --repair")
+    if not repair and teacher is not None:
+        raise click.UsageError("--teacher only goes with --repair")
+    if candidates is None and data is not None:
+        raise click.UsageError("--data only goes with --candidates")
     _positive(batch_size=batch_size)
     result = {"command": "cache verify"}
     if repair:
@@ -110,7 +118,7 @@ def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as
         for line in result["warnings"]:
             click.echo(f"warning: {line}", err=True)
     else:
-        result |= verify(path)
+        result |= verify(path, candidates, data)
         report = result
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
@@ -125,6 +133,12 @@ def cache_verify(path, repair, candidates, teacher, data, batch_size, device, as
             click.echo(line)
         for name, what in report["damaged"].items():
             click.echo(f"{name}: {what}")
+        if "coverage" in report:
+            cov = report["coverage"]
+            click.echo(
+                f"candidates {cov['candidates']}: {cov['pairs'] - cov['missing']} of "
+                f"{cov['pairs']} pairs cached ({cov['positives_missing']} positives missing)"
+            )
     if not report["healthy"]:
         raise click.ClickException(_damage_summary(path, report))
     if not as_json:
@@ -140,9 +154,16 @@ def _damage_summary(path: Path, report: dict) -> str:
     what = [f"{len(bad)} of {report['num_shards']} shards damaged ({shown})"] * bool(bad)
     what += ["key.json damaged"] * bool(report["key_problems"])
     what += ["manifest wrong"] * bool(report["manifest"])
-    fix = (
-        "delete it and run `cprd score-teacher` again"
-        if report["key_problems"]
-        else f"repair it with `cprd cache verify {path} --repair --candidates DIR`"
-    )
+    cov = report.get("coverage", {})
+    if cov.get("missing"):
+        what.append(f"{cov['missing']} of {cov['pairs']} pairs of --candidates not cached")
+    if report["key_problems"]:
+        fix = "delete it and run `cprd score-teacher` again"
+    elif bad or report["manifest"]:
+        fix = f"repair it with `cprd cache verify {path} --repair --candidates DIR`"
+    else:
+        fix = (
+            f"score them with `cprd score-teacher --candidates {cov['candidates']} --cache-dir "
+            f"{Path(path).parent}`"
+        )
     return f"cache '{path}': {', '.join(what)}; {fix}"

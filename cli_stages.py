@@ -267,8 +267,9 @@ def score_teacher_cmd(
 ):
     """Score every unique candidate pair with the cross-encoder once, into a sharded cache.
 
-    Pairs already in the cache are not scored again; a killed run resumes; N machines can each
-    take a share (--rank/--world-size, torchrun or a Slurm array).
+    The ground-truth pairs of the candidates' split are scored too. Pairs already in the cache
+    are not scored again; a killed run resumes; N machines can each take a share
+    (--rank/--world-size, torchrun or a Slurm array). "complete" means every pair is cached.
 
     Example:
 
@@ -294,12 +295,20 @@ def score_teacher_cmd(
     summary = {"command": "score-teacher", **score_teacher(cfg)}
     if "teacher_score" in summary and not as_json:
         click.echo(_distribution_table(summary["teacher_score"], summary["miner_score"]))
-    state = "complete" if summary["complete"] else "incomplete (other shards pending)"
+    state = (
+        "complete: every pair of these candidates is cached"
+        if summary["complete"]
+        else f"incomplete: {summary['pairs_missing']} pairs not cached yet (other shards pending; "
+        "run the same command again once they finish)"
+    )
+    pos = summary["positives"]
     _emit(
         summary,
         as_json,
         f"scored {summary['pairs_scored']} of {summary['pairs_total']} pairs "
-        f"({summary['shards_written']} shards written, {summary['shards_skipped']} skipped); "
+        f"({summary['pairs_candidates']} of the candidates, {pos['added']} more positives of "
+        f"the split; {pos['cached']} of {pos['total']} positives cached; "
+        f"{summary['shards_written']} shards written, {summary['shards_skipped']} skipped); "
         f"cache {state}: {summary['cache_path']}",
     )
 

@@ -35,16 +35,8 @@ CONTROL = "itc-hard"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.stages.demo import (
-        PROFILES,
-        ROWS,
-        DemoConfig,
-        _done,
-        agreement,
-        best_val,
-        run_demo,
-        train_row,
-    )
+    from pipeline.stages.demo import PROFILES, DemoConfig, _done, run_demo
+    from pipeline.stages.demo_rows import ROWS, agreement, best_val, train_row
     from pipeline.stages.evaluate import EvalConfig, evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

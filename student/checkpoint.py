@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.core import atomic
+from pipeline.core.safe_load import load_tensors
 from student.distributed import DistEnv, barrier
 from student.train_config import StudentTrainConfig, check_resumable, config_dict
 
@@ -43,7 +44,7 @@ def start(cfg: StudentTrainConfig, env: DistEnv, model, optimizer) -> dict:
     out = Path(cfg.out)
     state = fresh_state()
     if cfg.resume:
-        ckpt = torch.load(out / LAST, map_location="cpu", weights_only=True)
+        ckpt = load_tensors(out / LAST, "resume only from a last.pt train-student wrote")
         check_resumable(cfg, ckpt["config"])
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

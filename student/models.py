@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from open_clip.pretrained import is_pretrained_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from pipeline.core.atomic import file_sha256
+from pipeline.core.safe_load import load_tensors
 from pipeline.torchkit.encode import weights_sha256
 from student import pretrained
 from student.storage import STUDENT_FORMAT, read_student, save_student
@@ -138,7 +140,16 @@ def _load_open_clip(spec: str, name: str, weights: str | None) -> LoadedModel:
                 f"unknown pretrained tag {weights!r} for {name} in model spec {spec!r}; known "
                 f"tags: {', '.join(tags) or 'none'} (or pass a checkpoint path after the colon)"
             )
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
+    # weights_only: a checkpoint file from the spec is read without unpickling objects.
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=weights, weights_only=True
+        )
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"checkpoint {weights!r} in model spec {spec!r} holds pickled Python objects besides "
+            "tensors; cprd does not unpickle them (that could run code): save a plain state dict"
+        ) from e
     identity = {"kind": "open_clip", "name": name, "pretrained": weights}
     model_cfg = open_clip.get_model_config(name) or {}
     return LoadedModel(
@@ -222,7 +233,7 @@ def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu
         model, model_cfg = pretrained.rebuild_saved(model_cfg, meta.get("preprocess_cfg"))
     else:
         model = build_from_cfg(model_cfg, meta.get("preprocess_cfg"))
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_tensors(weights, "re-save the student with `cprd train-student`"))
     identity = {
         "kind": STUDENT_FORMAT,
         "base_spec": meta.get("base_spec"),

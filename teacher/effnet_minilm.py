@@ -15,7 +15,8 @@ channels, L caption tokens, T = 384 text width, E prior embedding width, D fusio
   Linear -> ``fusion_layers`` pre-norm transformer decoder layers (self-attention over the
   caption, cross-attention to the image tokens) -> LayerNorm -> Linear at [CLS] = fusion logit.
   Its output layer starts at zero, so an untrained fusion scores exactly as the prior does.
-- Score (the raw logit cached and used for re-ranking) = fusion + w * cos + b; prob = sigmoid.
+- Score (the log-odds of a match, cached and used for re-ranking) = fusion + w * cos + b;
+  prob = sigmoid(score) (teacher.model.match_prob).
 
 A trained teacher is a directory: ``cprd_teacher.json`` (kind, format, architecture, the tower
 packages' versions and hashes), ``model.safetensors`` (the head only), ``train_config.json``,
@@ -53,7 +54,7 @@ from teacher.effnet_minilm_towers import (
     image_keys,
     pad_texts,
 )
-from teacher.scoring import TeacherScores
+from teacher.scoring import TeacherScores, match_prob
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,7 @@ class EffnetMiniLMTeacher:
         for i in todo:
             logits[i] = scores[at : at + len(captions[i])]
             at += len(captions[i])
-        probs = [1.0 / (1.0 + np.exp(-x)) for x in logits]
-        return TeacherScores(logits=logits, probs=[p.astype(np.float32) for p in probs])
+        return TeacherScores(logits=logits, probs=[match_prob(x) for x in logits])
 
 
 def teacher_json(cfg: HeadConfig, tw: Towers) -> dict:

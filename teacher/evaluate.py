@@ -25,7 +25,7 @@ from transformers import BlipForImageTextRetrieval
 
 from pipeline.core.metrics import retrieval_metrics
 from pipeline.torchkit.encode import autocast
-from teacher.model import itm_logits
+from teacher.model import itm_log_odds, itm_logits
 
 
 @torch.no_grad()
@@ -65,14 +65,14 @@ def score_rows(
     batch_size: int,
     device: torch.device,
 ) -> np.ndarray:
-    """(P,) ITM match logits of (image row, caption row) ``pairs`` (P, 2)."""
+    """(P,) ITM log-odds of a match of (image row, caption row) ``pairs`` (P, 2)."""
     ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     out = []
     for s in range(0, len(pairs), batch_size):
         p = torch.as_tensor(pairs[s : s + batch_size], device=device)
         with autocast(device):
             logits = itm_logits(model, image_embeds[p[:, 0]], ids[p[:, 1]], mask[p[:, 1]])
-        out.append(logits[:, 1].float().cpu().numpy())
+        out.append(itm_log_odds(logits).cpu().numpy())  # what the cache stores and ranks by
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 

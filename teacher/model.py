@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from PIL import Image
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
 from pipeline.torchkit.encode import autocast, pick_device, weights_sha256
-from teacher.scoring import TeacherScores
+from teacher.scoring import TeacherScores, match_prob
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,13 @@ def load_teacher(spec: str, device: str | torch.device | None = None) -> LoadedT
     else:
         source = spec  # a hub id; offline it resolves from the local HF cache only
     try:
+        # transformers reads safetensors, or a .bin with torch.load(weights_only=True): a
+        # pickled object in a checkpoint is refused, never run; no repository code runs either.
         model, info = BlipForImageTextRetrieval.from_pretrained(source, output_loading_info=True)
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    except pickle.UnpicklingError as e:
+        reason = "its weights hold pickled Python objects besides tensors; cprd does not unpickle"
+        raise _fail(spec, f"{reason} them (that could run code)") from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _fail(spec, reason) from e
@@ -160,6 +166,13 @@ def load_teacher(spec: str, device: str | torch.device | None = None) -> LoadedT
 # ---- scoring -------------------------------------------------------------------------------------
 # Letters in shape comments: N images, P pairs in one text batch, V image tokens, D hidden width,
 # L tokens.
+
+
+def itm_log_odds(itm: torch.Tensor) -> torch.Tensor:
+    """(P,) float32 log-odds of a match from (P, 2) ITM head output: logit(match) - logit(no
+    match), so that sigmoid of it is softmax(itm)[:, 1]."""
+    itm = itm.float()
+    return itm[:, 1] - itm[:, 0]
 
 
 def _tokenize(teacher: LoadedTeacher, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -203,8 +216,9 @@ def itm_logits(
 
 
 def _to_scores(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    out = out.float()  # (P, 2)
-    return out[:, 1].cpu().numpy(), out.softmax(dim=-1)[:, 1].cpu().numpy()
+    """(log-odds, match probability) of (P, 2) ITM head output."""
+    score = itm_log_odds(out).cpu().numpy()  # (P,)
+    return score, match_prob(score)
 
 
 @torch.no_grad()

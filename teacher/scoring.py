@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -22,8 +23,16 @@ from tqdm import tqdm
 class TeacherScores:
     """Per image, one float32 array over its captions (in the order given)."""
 
-    logits: list[np.ndarray]  # raw ITM "match" logit, itm_head column 1 (what re-ranking uses)
-    probs: list[np.ndarray]  # softmax(itm_head)[:, 1], the match probability
+    # the log-odds of a match, logit(prob): for the ITM head itm[:, 1] - itm[:, 0]; what the
+    # cache stores as `score` and re-ranking sorts by
+    logits: list[np.ndarray]
+    probs: list[np.ndarray]  # match_prob(logits): sigmoid, equal to softmax(itm_head)[:, 1]
+
+
+def match_prob(log_odds: np.ndarray) -> np.ndarray:
+    """float32 sigmoid of float32 log-odds, computed one way for every teacher, so that a cached
+    ``prob`` is bit-for-bit ``match_prob(score)``."""
+    return torch.sigmoid(torch.from_numpy(np.array(log_odds, dtype=np.float32))).numpy()
 
 
 def score_pairs(

@@ -626,9 +626,14 @@ CASES = [
         ["not a teacher cache entry", "cache root"],
     ),
     (
-        "cache verify: --candidates without --repair",
-        lambda w, t: ["cache", "verify", w.cache, "--candidates", w.cand],
-        ["--candidates", "only go with --repair"],
+        "cache verify: --teacher without --repair",
+        lambda w, t: ["cache", "verify", w.cache, "--teacher", w.teacher],
+        ["--teacher", "only goes with --repair"],
+    ),
+    (
+        "cache verify: --data without --candidates",
+        lambda w, t: ["cache", "verify", w.cache, "--data", w.ds],
+        ["--data", "only goes with --candidates"],
     ),
     (
         "cache verify: zero --batch-size",

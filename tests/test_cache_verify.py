@@ -128,7 +128,7 @@ def test_incomplete_cache_is_finished_by_repair(clean, entry):
     """Shards never scored (a run stopped early) are reported and scored by --repair."""
     for s in (0, 2):
         cache.discard_shard(entry, s)
-    (entry / "cache.json").unlink()
+    assert not (entry / "cache.json").exists()  # discarding a shard removes the manifest first
     code, report = verify(entry)
     assert code == 1 and sorted(report["damaged"]) == ["shard-00000", "shard-00002"]
     assert "not scored yet" in report["damaged"]["shard-00000"]
@@ -185,9 +185,8 @@ def test_repair_refuses_other_inputs(clean, entry, demo_dataset_master, tiny_tea
         "belongs to another cache",
     )
     assert sorted(p.name for p in entry.iterdir()) == before
-    assert_error(
-        run("cache", "verify", entry, "--candidates", clean["cand"]), "only go with --repair"
-    )
+    assert_error(run("cache", "verify", entry, "--teacher", teacher), "only goes with --repair")
+    assert_error(run("cache", "verify", entry, "--data", tmp_path), "only goes with --candidates")
 
 
 def test_repair_warns_about_pairs_of_other_candidates(clean, entry, small_dataset, tmp_path):
@@ -230,3 +229,41 @@ def test_edited_key_cannot_be_repaired(clean, entry):
         "cannot be repaired",
         "score-teacher",
     )
+
+
+def test_coverage_against_candidates(clean, entry, small_dataset, tmp_path):
+    """--candidates: every pair score-teacher scores for them must be cached (positives too);
+    a larger re-mine is reported as missing pairs with the command that scores them."""
+    code, report = verify(entry, "--candidates", clean["cand"])
+    assert code == 0 and report["healthy"]
+    assert report["coverage"]["missing"] == report["coverage"]["positives_missing"] == 0
+    assert report["coverage"]["pairs"] == clean["scores"].height
+
+    more = tmp_path / "k5"
+    assert run("mine-candidates", "--data", small_dataset, "--out", more, "--k", 5).exit_code == 0
+    code, report = verify(entry, "--candidates", more)
+    assert code == 1 and not report["healthy"] and report["coverage"]["missing"] > 0
+    assert report["damaged"] == {} and report["manifest"] == []
+    line = assert_error(
+        run("cache", "verify", entry, "--candidates", more), "pairs of --candidates"
+    )
+    assert f"score-teacher --candidates {more} --cache-dir {entry.parent}" in line
+
+    # One positive (a pair the miner may not retrieve) dropped from its shard: found, by name.
+    pos = clean["scores"].join(
+        cache.read_shard(entry, 0), on=["image_id", "caption_id"], how="semi"
+    )
+    ds_captions = pl.read_parquet(small_dataset / "captions.parquet")
+    pos = pos.join(ds_captions.select("image_id", "caption_id"), on=["image_id", "caption_id"])
+    drop = pos.head(1).select("image_id", "caption_id")
+    rows = cache.read_shard(entry, 0).join(drop, on=["image_id", "caption_id"], how="anti")
+    cache.write_shard(entry, 0, rows)
+    assert cache.finalize(entry) is not None  # the shards are consistent: only coverage fails
+    code, report = verify(entry, "--candidates", clean["cand"])
+    assert code == 1 and report["coverage"] == {
+        "candidates": str(clean["cand"]),
+        "pairs": clean["scores"].height,
+        "missing": 1,
+        "positives_missing": 1,
+    }
+    assert cache.finalize(entry, clean["scores"]) is None  # and a manifest needs every pair

@@ -44,26 +44,32 @@ def finish(proc: subprocess.Popen) -> dict:
 def scoring_inputs(small_dataset, tiny_teacher_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(candidates with k=8, the session's tiny BLIP teacher) for the small dataset."""
     out = tmp_path_factory.mktemp("faults") / "cand"
-    finish(
-        cprd(
-            "mine-candidates",
-            "--student",
-            "tiny",
-            "--data",
-            small_dataset,
-            "--out",
-            out,
-            "--k",
-            "8",
-            "--json",
-        )
+    mined = run(
+        "mine-candidates", "--student", "tiny", "--data", small_dataset, "--out", out, "--k", "8"
     )
+    assert mined.exit_code == 0, mined.output
     return out, tiny_teacher_dir
 
 
+def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; assert it was still running (it was killed)."""
+    started = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, (
+            f"the run ended before {what}: " + proc.communicate()[1].decode()
+        )
+        assert time.monotonic() - started < 240, f"no {what} after 240 s"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself before {what}"
+
+
 def test_score_teacher_survives_sigkill(scoring_inputs, tmp_path):
-    """kill -9 at random moments, then the same command: the same scores as a clean run."""
+    """kill -9 when the first shard marker appears, and when half are there, then the same
+    command: the same scores as a clean run, no temporaries left."""
     cand, teacher = scoring_inputs
+    shards = 12
     args = [
         "score-teacher",
         "--candidates",
@@ -71,32 +77,67 @@ def test_score_teacher_survives_sigkill(scoring_inputs, tmp_path):
         "--teacher",
         teacher,
         "--shards",
-        "12",
+        shards,
         "--batch-size",
         "2",
         "--json",
     ]
-    t0 = time.monotonic()
-    clean_summary = finish(cprd(*args, "--cache-dir", tmp_path / "clean"))
-    wall = time.monotonic() - t0
+
+    def score(cache_dir: Path) -> dict:  # in this process: the same code, no start-up
+        result = run(*args, "--cache-dir", cache_dir)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    clean_summary = score(tmp_path / "clean")
     clean = cache.load_scores(Path(clean_summary["cache_path"]))[1].sort("image_id", "caption_id")
 
-    # Start-up (imports) takes most of the first half of a run; kill in the scoring part.
-    for trial, at in enumerate((0.6, 0.85)):
+    for trial, markers in enumerate((1, shards // 2)):
         cache_dir = tmp_path / f"killed{trial}"
-        proc = cprd(*args, "--cache-dir", cache_dir)
-        time.sleep(at * wall)
-        killed = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        summary = finish(cprd(*args, "--cache-dir", cache_dir))
+
+        def done(cache_dir=cache_dir) -> int:
+            return len(list(cache_dir.glob("*/shard-*.json")))
+
+        kill_when(
+            cprd(*args, "--cache-dir", cache_dir),
+            lambda cache_dir=cache_dir, markers=markers: done(cache_dir) >= markers,
+            f"{markers} shard markers",
+        )
+        assert markers <= done() < shards  # killed part-way: there is something to resume
+        assert not list(cache_dir.glob("*/cache.json"))
+        summary = score(cache_dir)
         path = Path(summary["cache_path"])
+        assert summary["complete"] and 0 < summary["pairs_scored"] < clean.height
         got = cache.load_scores(path)[1].sort("image_id", "caption_id")
-        assert got.equals(clean), f"trial {trial} (killed: {killed}) differs from the clean run"
+        assert got.equals(clean), f"trial {trial} differs from the clean run"
         assert not [p for p in path.iterdir() if ".tmp-" in p.name]
         assert sorted(p.name for p in path.glob("shard-*.parquet")) == sorted(
             p.name for p in Path(clean_summary["cache_path"]).glob("shard-*.parquet")
         )
+
+
+def test_concurrent_workers_remine_and_kills(small_dataset, tiny_teacher_dir, tmp_path):
+    """benchmarks/faults.py --concurrent, one small trial: two workers per round (the seed has
+    one of each round SIGKILLed while scoring), a re-mine between rounds; no stale manifest is
+    ever seen, no false `complete`, and after recovery the cache verifies and equals a clean
+    run."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import chaos
+
+    for k in (2, 4):
+        mined = run(
+            "mine-candidates", "--data", small_dataset, "--out", tmp_path / f"k{k}", "--k", k
+        )
+        assert mined.exit_code == 0, mined.output
+    cmd = ["score-teacher", "--teacher", tiny_teacher_dir, "--shards", "6", "--batch-size", "2"]
+    inputs = chaos.clean_run(
+        tmp_path, cmd, tmp_path / "k2", tmp_path / "k4", in_process=True, workers=(2,)
+    )
+    res = chaos.trial(tmp_path / "trial", inputs, random.Random(17))  # kills w1 of each round
+    assert res["kills"] >= 1 and res["manifest_checks"] >= 1, res
+    for key in ("stale_manifests", "false_complete", "worker_errors", "recovery_failed"):
+        assert res[key] == 0, (key, res)
+    for key in ("verify_failed", "pairs_lost", "pairs_extra", "mismatched_scores"):
+        assert res[key] == 0, (key, res)
 
 
 def test_train_student_survives_sigkill(scoring_inputs, small_dataset, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import assert_error, run, write_image
+from conftest import FLICKR8K, assert_error, require_fixture, run, write_image
 
 from pipeline.core.dataset import Dataset
 
@@ -68,11 +68,25 @@ def test_fingerprint_tracks_content_not_location(karpathy, tmp_path):
     )
 
 
+def test_missing_fixture_fails_under_ci(tmp_path, monkeypatch):
+    """A missing shared fixture skips a test on a plain clone, but fails it where
+    CPRD_REQUIRE_FIXTURES=1 (.ci/run exports it), so CI cannot pass without running it."""
+    missing = tmp_path / "no-such-fixture"
+    monkeypatch.delenv("CPRD_REQUIRE_FIXTURES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent"):
+        require_fixture(missing)
+    monkeypatch.setenv("CPRD_REQUIRE_FIXTURES", "1")
+    with pytest.raises(pytest.fail.Exception, match="CPRD_REQUIRE_FIXTURES=1 requires it"):
+        require_fixture(missing)
+    require_fixture(tmp_path)  # present: neither
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert "export CPRD_REQUIRE_FIXTURES=1" in ci
+
+
 def test_real_flickr8k_imports(tmp_path):
     """The shared Flickr8k fixture (no `filepath` entries) imports with 3,000 images."""
-    src = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "flickr8k-3k"
-    if not (src / "dataset_flickr8k.json").is_file():
-        pytest.skip("../shared/data/flickr8k-3k is absent on this machine")
+    src = FLICKR8K
+    require_fixture(src / "dataset_flickr8k.json")
     result = run(
         "import-data",
         "--karpathy",

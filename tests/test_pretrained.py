@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may download
 
@@ -12,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-from conftest import assert_error, run  # noqa: E402
+from conftest import FLICKR8K, assert_error, require_fixture, run  # noqa: E402
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from open_clip.model import CustomTextCLIP  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -23,7 +22,7 @@ from student import pretrained  # noqa: E402
 from student.models import LoadedModel, load_model, save_student  # noqa: E402
 from student.storage import STUDENT_JSON  # noqa: E402
 
-FLICKR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "flickr8k-3k"
+FLICKR = FLICKR8K
 HEADS = {"logit_scale", "visual.head.proj.weight", "text.proj.weight"}
 DOG_CLASSES = range(151, 269)  # ImageNet-1k class ids of dog breeds
 
@@ -118,8 +117,7 @@ def test_tokenizer_knows_real_words(effnet):
 
 def test_encodes_photos_and_captions(effnet):
     """Real photos and captions give unit embeddings; the image tower recognises a dog photo."""
-    if not FLICKR.is_dir():
-        pytest.skip("../shared/data/flickr8k-3k is absent on this machine")
+    require_fixture(FLICKR / "dataset_flickr8k.json")
     entries = json.loads((FLICKR / "dataset_flickr8k.json").read_text())["images"]
     dog = next(e for e in entries if all(" dog" in s["raw"].lower() for s in e["sentences"]))
     other = next(e for e in entries if "dog" not in json.dumps(e).lower())

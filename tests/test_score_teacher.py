@@ -15,9 +15,10 @@ from conftest import assert_error, run
 from PIL import Image
 
 from pipeline.core import cache
-from pipeline.core.candidates import candidate_pairs, load_candidates
+from pipeline.core.candidates import load_candidates
 from pipeline.core.dataset import Dataset
-from pipeline.stages.score import parse_shard_ids, resolve_rank
+from pipeline.core.pairs import load_pair_set
+from pipeline.stages.score import parse_shard_ids, resolve_rank, unique_pairs
 
 
 @pytest.fixture
@@ -68,26 +69,108 @@ def all_rows(path: Path) -> pl.DataFrame:
     return cache.load_scores(path)[1].sort("image_id", "caption_id")
 
 
-def test_scores_every_unique_pair_once(cands, teacher_dir, tmp_path):
-    """N shard files plus a manifest; each unique pair of both directions scored exactly once."""
+def test_scores_every_unique_pair_once(cands, teacher_dir, tmp_path, small_dataset):
+    """N shard files plus a manifest; each unique pair of both directions, and every ground-truth
+    pair of the split, scored exactly once (against a set built by a plain loop)."""
     s = score(cands[3], teacher_dir, tmp_path, "--shards", "4")
     path = Path(s["cache_path"])
     assert sorted(p.name for p in path.glob("shard-*.parquet")) == [
         f"shard-{i:05d}.parquet" for i in range(4)
     ]
-    assert (path / "cache.json").is_file() and s["complete"]
+    assert (path / "cache.json").is_file() and s["complete"] and s["pairs_missing"] == 0
     _, cand = load_candidates(cands[3])
-    pairs = candidate_pairs(cand)
-    assert pairs.height < cand.height  # the two directions overlap: dedup matters
-    assert s["pairs_total"] == s["pairs_scored"] == pairs.height
+    from_cand = set()
+    for direction, query, other in cand.select("direction", "query_id", "candidate_id").iter_rows():
+        from_cand.add((query, other) if direction == "i2t" else (other, query))
+    assert len(from_cand) < cand.height  # the two directions overlap: dedup matters
+    _, captions = Dataset.load(small_dataset).split("train")
+    positives = {(i, c) for c, i in captions.select("caption_id", "image_id").iter_rows()}
+    assert positives - from_cand  # the miner missed some positives: scoring them matters
+    expect = from_cand | positives
+    assert s["pairs_total"] == s["pairs_scored"] == len(expect)
+    assert s["pairs_candidates"] == len(from_cand) == unique_pairs(cand).height
+    added = len(positives - from_cand)
+    assert s["positives"] == {"total": len(positives), "added": added, "cached": len(positives)}
     rows = all_rows(path)
-    assert rows.select("image_id", "caption_id").equals(pairs)
+    assert rows.height == len(expect)
+    assert set(rows.select("image_id", "caption_id").iter_rows()) == expect
     for shard in range(4):  # each row sits in the shard its pair hashes to
         part = cache.read_shard(path, shard)
         expect = cache.shard_of(part["image_id"].to_numpy(), part["caption_id"].to_numpy(), 4)
         assert (expect == shard).all()
     assert not list(path.glob(".*tmp-*"))
     assert set(s["teacher_score"]) == {"mean", "std", "q05", "q25", "q50", "q75", "q95"}
+
+
+def test_score_is_log_odds(small_dataset, cands, teacher_dir, tmp_path):
+    """The cached score is the ITM log-odds and prob = sigmoid(score) bit for bit; both agree
+    with the model's own softmax over its two ITM columns."""
+    from teacher.model import load_teacher, match_prob
+
+    s = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    rows = all_rows(Path(s["cache_path"]))
+    got_score, got_prob = rows["score"].to_numpy(), rows["prob"].to_numpy()
+    np.testing.assert_array_equal(got_prob, match_prob(got_score))
+    np.testing.assert_array_equal(got_prob, torch.sigmoid(torch.tensor(got_score)).numpy())
+    ds = Dataset.load(small_dataset)
+    paths = dict(ds.images.select("image_id", "path").iter_rows())
+    teacher = load_teacher(str(teacher_dir))
+    proc = teacher.processor
+    for image_id, caption_id, cached, prob in rows.head(12).iter_rows():
+        with Image.open(ds.image_path(paths[image_id])) as img:
+            pixels = proc.image_processor(images=[img.convert("RGB")], return_tensors="pt")
+        tok = proc.tokenizer([ds.captions["caption"][caption_id]], return_tensors="pt")
+        with torch.no_grad():
+            itm = teacher.model(
+                input_ids=tok["input_ids"],
+                attention_mask=tok["attention_mask"],
+                pixel_values=pixels["pixel_values"],
+                use_itm_head=True,
+            ).itm_score[0]  # (2,): no match, match
+        soft = itm.softmax(-1)
+        assert cached == pytest.approx(float(itm[1] - itm[0]), abs=1e-4)
+        assert prob == pytest.approx(float(soft[1]), abs=1e-6)
+        assert cached == pytest.approx(float(torch.log(soft[1] / soft[0])), abs=1e-4)
+
+
+def test_old_cache_version_is_refused(cands, teacher_dir, tmp_path):
+    """A cache of format version 1 (raw match logits) is refused on every read, with the fix."""
+    s = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    path = Path(s["cache_path"])
+    for name in ("key.json", "cache.json"):
+        meta = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(ValueError, match="version 1 .*raw ITM match logits.*delete"):
+        cache.load_scores(path)
+    assert_error(run("cache", "verify", path), "version 1", "delete", "score-teacher")
+    assert_error(run("cache", "info", path), "version 1", "--cache-dir")
+    line = assert_error(
+        run(
+            "score-teacher",
+            "--candidates",
+            cands[3],
+            "--teacher",
+            teacher_dir,
+            "--cache-dir",
+            tmp_path,
+            "--shards",
+            "2",
+        ),
+        "version 1",
+    )
+    assert f"delete '{path}'" in line and "new --cache-dir" in line
+    listed = json.loads(run("cache", "list", tmp_path, "--json").stdout)["caches"]
+    assert "version 1" in listed[0]["error"]
+
+
+def test_shard_of_fixed_values():
+    """shard_of is a fixed function of the pair: these values may never change, or an existing
+    cache would find a pair in another shard than the one that holds it."""
+    images = np.array([0, 0, 1, 7, 123456, 2**31 - 1, 3, 3], dtype=np.int64)
+    captions = np.array([0, 1, 0, 35, 654321, 5, 2**40, 4], dtype=np.int64)
+    assert cache.shard_of(images, captions, 64).tolist() == [47, 1, 56, 1, 46, 60, 33, 29]
+    assert cache.shard_of(images, captions, 7).tolist() == [2, 2, 6, 5, 5, 5, 5, 2]
+    assert cache.shard_of(images, captions, 1).tolist() == [0] * 8
 
 
 def test_batched_scores_equal_per_pair(small_dataset, cands, teacher_dir, tmp_path):
@@ -122,7 +205,7 @@ def test_incremental_after_remine(cands, teacher_dir, tmp_path):
     before = all_rows(Path(first["cache_path"]))
     second = score(cands[5], teacher_dir, tmp_path, "--shards", "4")
     assert second["cache_path"] == first["cache_path"]
-    new_pairs = candidate_pairs(load_candidates(cands[5])[1]).join(
+    new_pairs = load_pair_set(cands[5])[3].pairs.join(
         before.select("image_id", "caption_id"), on=["image_id", "caption_id"], how="anti"
     )
     assert second["pairs_scored"] == new_pairs.height > 0
@@ -183,6 +266,24 @@ def test_busy_shard_is_left_to_its_owner(cands, teacher_dir, tmp_path):
     assert busy["shards_busy"] == 1 and not busy["complete"]
     assert not (path / "shard-00001.parquet").exists()
     assert score(cands[3], teacher_dir, tmp_path, "--shards", "2")["complete"]
+
+
+def test_incremental_run_with_a_busy_shard_is_not_complete(cands, teacher_dir, tmp_path):
+    """Re-mined candidates while another process holds a shard: every shard has a marker, but
+    that shard lacks the new pairs, so the run says incomplete and leaves no manifest."""
+    first = score(cands[3], teacher_dir, tmp_path, "--shards", "2")
+    path = Path(first["cache_path"])
+    with cache.shard_lock(path, 1) as got:
+        assert got
+        busy = score(cands[5], teacher_dir, tmp_path, "--shards", "2")
+    assert busy["shards_busy"] == 1 and not busy["complete"] and busy["pairs_missing"] > 0
+    assert all(cache.read_marker(path, s) for s in range(2))
+    assert not (path / "cache.json").exists()  # removed before shard 0 was rewritten
+    with pytest.raises(ValueError, match="incomplete"):
+        cache.load_scores(path)
+    done = score(cands[5], teacher_dir, tmp_path, "--shards", "2")
+    assert done["complete"] and done["pairs_missing"] == 0
+    assert done["pairs_scored"] == busy["pairs_missing"]
 
 
 def test_damaged_shard_detected_and_rescored(cands, teacher_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The teacher cache: one raw teacher score per unique (image, caption) pair, in N Parquet shards.
+"""The teacher cache: one teacher score (log-odds) per unique (image, caption) pair, in N shards.
 
 Layout of a cache entry ``DIR/<key>/`` (DESIGN 3)::
 
@@ -7,8 +7,15 @@ Layout of a cache entry ``DIR/<key>/`` (DESIGN 3)::
     shard-00000.parquet    schemas.SHARD_SCHEMA rows, sorted by (image_id, caption_id)
     shard-00000.json       completion marker: rows and sha256 of the shard file; written after it
     shard-00000.lock       held (flock) while a process scores that shard; the OS drops it on death
-    cache.json             the manifest: every shard's rows and checksum; written last, once all
-                           N shards are complete, by whichever worker finishes last
+    cache.lock             the entry's lock (flock): held exclusively to rewrite a shard or write
+                           the manifest, shared to read, so no reader sees one without the other
+    cache.json             the manifest: every shard's rows and checksum; written last, under the
+                           entry lock, by whichever worker completes the set (every shard's file
+                           agrees with its marker and every pair of its candidates is cached)
+
+A shard is rewritten only after the manifest and the shard's marker are removed (under the entry
+lock), so a manifest on disk always matches the shards, and a kill leaves either the old file or
+the new one, each complete, with at most its marker missing.
 
 The candidate set is not part of the key: a re-mined candidate set only adds the missing pairs,
 each to the shard its pair hashes to, so the shard count of a cache never changes. Teacher ranks
@@ -17,11 +24,7 @@ are not stored: they depend on each query's candidate list and are rebuilt from 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +33,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import atomic
+from pipeline.core.cache_locks import (  # noqa: F401 (used as cache.shard_lock etc.)
+    ENTRY_LOCK,
+    entry_lock,
+    shard_lock,
+    shard_name,
+)
 
 CACHE_FORMAT = "cprd-teacher-cache"
-CACHE_VERSION = 1
+# 2: `score` is the ITM log-odds logit(match) - logit(no match), prob = sigmoid(score) exactly
+# (version 1 stored the raw match logit); a cache of another version is refused on read.
+CACHE_VERSION = 2
 KEY_JSON = "key.json"
 KEY_FIELDS = ("dataset_fingerprint", "teacher_weights_sha256", "preprocessing", "precision")
+PAIR = ["image_id", "caption_id"]
 MANIFEST_JSON = "cache.json"
 
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.int64(), nullable=False),  # dataset image id
         pa.field("caption_id", pa.int64(), nullable=False),  # dataset caption id
-        pa.field("score", pa.float32(), nullable=False),  # raw ITM logit for "match", unsquashed
-        pa.field("prob", pa.float32(), nullable=False),  # softmax match probability of the ITM head
+        # the teacher's log-odds of a match (ITM: logit(match) - logit(no match)), unsquashed
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("prob", pa.float32(), nullable=False),  # sigmoid(score): the match probability
     ]
 )
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
 
 
 def cache_key(fingerprint: str, teacher_identity: dict) -> tuple[str, dict]:
@@ -93,7 +102,7 @@ def open_cache(root: Path, fields: dict, key: str, num_shards: int, teacher: dic
     }
     key_file = path / KEY_JSON
     if key_file.is_file():
-        have = json.loads(key_file.read_text())
+        have = read_key(path)  # format and version checked
         if have.get("num_shards") != num_shards:
             raise ValueError(
                 f"cache '{path}' has {have.get('num_shards')} shards, --shards asks for "
@@ -139,7 +148,22 @@ def read_key(path: Path) -> dict:
         ) from e
     if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise ValueError(f"'{key_file}' is not a cprd teacher cache key file")
+    check_version(meta, path)
     return meta
+
+
+def check_version(meta: dict, path: Path) -> None:
+    """ValueError, saying how to rebuild, unless ``meta`` (key.json or cache.json of the entry
+    ``path``) is of the format version this cprd reads."""
+    version = meta.get("version")
+    if version == CACHE_VERSION:
+        return
+    why = " (its scores are raw ITM match logits, not log-odds)" if version == 1 else ""
+    raise ValueError(
+        f"teacher cache '{path}' is format version {version}{why}, this cprd reads version "
+        f"{CACHE_VERSION}; delete '{path}' and run `cprd score-teacher` again (or score into a "
+        "new --cache-dir)"
+    )
 
 
 def read_marker(path: Path, shard: int) -> dict | None:
@@ -165,17 +189,34 @@ def read_shard(path: Path, shard: int) -> pl.DataFrame | None:
 
 
 def write_shard(path: Path, shard: int, rows: pl.DataFrame) -> dict:
-    """Write a shard file atomically, then its marker; return the marker."""
-    rows = rows.sort("image_id", "caption_id")
+    """Replace a shard file atomically, then write its marker; return the marker.
+
+    Under the entry lock, the manifest and the shard's old marker are removed first: a reader
+    never sees a manifest or marker that no longer matches the file, and a kill leaves the old
+    or the new file (each complete) without a marker, which score-teacher trusts and completes.
+    """
+    path = Path(path)
+    rows = rows.sort(PAIR)
     table = pa.Table.from_pydict(
         {f.name: rows[f.name].to_numpy() for f in SHARD_SCHEMA}, schema=SHARD_SCHEMA
     )
     f = path / f"{shard_name(shard)}.parquet"
-    with atomic.atomic_path(f) as tmp:
-        pq.write_table(table, tmp)
-    marker = {"shard": shard, "rows": rows.height, "sha256": atomic.file_sha256(f)}
-    atomic.write_json(path / f"{shard_name(shard)}.json", marker)
+    with entry_lock(path):
+        (path / MANIFEST_JSON).unlink(missing_ok=True)
+        (path / f"{shard_name(shard)}.json").unlink(missing_ok=True)
+        atomic.fsync_dir(path)
+        with atomic.atomic_path(f) as tmp:
+            pq.write_table(table, tmp)
+        marker = {"shard": shard, "rows": rows.height, "sha256": atomic.file_sha256(f)}
+        atomic.write_json(path / f"{shard_name(shard)}.json", marker)
     return marker
+
+
+def remove_manifest(path: Path) -> None:
+    """Delete the manifest (under the entry lock): readers see an incomplete cache from now on."""
+    with entry_lock(path):
+        (Path(path) / MANIFEST_JSON).unlink(missing_ok=True)
+        atomic.fsync_dir(Path(path))
 
 
 def check_cache_root(root: Path, flag: str = "cache dir") -> None:
@@ -194,53 +235,78 @@ def check_cache_root(root: Path, flag: str = "cache dir") -> None:
 
 
 def discard_shard(path: Path, shard: int) -> None:
-    """Delete a shard's file, then its marker (a crash in between leaves a marker without a
-    file, which every reader treats as not done, never a trusted unmarked file)."""
+    """Delete the manifest, then a shard's file, then its marker, under the entry lock (a crash
+    after the file leaves a marker without a file, which every reader treats as not done, never
+    a trusted unmarked file). The caller holds the shard's lock."""
     name = shard_name(shard)
-    atomic.remove_stale_tmp(path, f"{name}.parquet")
-    atomic.remove_stale_tmp(path, f"{name}.json")
-    (path / f"{name}.parquet").unlink(missing_ok=True)
-    atomic.fsync_dir(path)
-    (path / f"{name}.json").unlink(missing_ok=True)
-    atomic.fsync_dir(path)
+    with entry_lock(path):
+        (path / MANIFEST_JSON).unlink(missing_ok=True)
+        atomic.remove_stale_tmp(path, f"{name}.parquet")
+        atomic.remove_stale_tmp(path, f"{name}.json")
+        (path / f"{name}.parquet").unlink(missing_ok=True)
+        atomic.fsync_dir(path)
+        (path / f"{name}.json").unlink(missing_ok=True)
+        atomic.fsync_dir(path)
 
 
-@contextlib.contextmanager
-def shard_lock(path: Path, shard: int) -> Iterator[bool]:
-    """Yield True while this process holds the shard's lock, False if another process does.
+def _by_shard(pairs: pl.DataFrame, num_shards: int) -> dict[int, pl.DataFrame]:
+    """(image_id, caption_id) ``pairs`` grouped by the shard each hashes to."""
+    pairs = pairs.select(PAIR)
+    shard = shard_of(pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy(), num_shards)
+    parts = pairs.with_columns(shard=shard).partition_by("shard", as_dict=True)
+    return {s: df.drop("shard") for (s,), df in parts.items()}
 
-    flock is released by the kernel when its holder dies (kill -9 included), so a lock never
-    outlives its owner.
-    """
-    fd = os.open(path / f"{shard_name(shard)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+def _read_pairs(f: Path) -> pl.DataFrame | None:
+    """(image_id, caption_id) of a shard file, or None if it is missing or unreadable."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
+        return pl.from_arrow(pq.read_table(f, columns=PAIR, schema=SHARD_SCHEMA))
+    except (pa.ArrowInvalid, OSError):
+        return None
 
 
-def finalize(path: Path) -> dict | None:
-    """Write the manifest if all shards are complete; return it, or None if some are missing."""
+def finalize(path: Path, required: pl.DataFrame | None = None) -> dict | None:
+    """Write the manifest if the set is complete; return it, or None (nothing written).
+
+    Complete is checked, under the entry lock, not assumed: every shard's file exists with the
+    checksum its marker records, and every (image_id, caption_id) pair of ``required`` is in
+    the file of the shard it hashes to. Whoever completes the set writes the manifest.
+    """
+    path = Path(path)
     meta = read_key(path)
-    shards = {}
-    for shard in range(meta["num_shards"]):
-        marker = read_marker(path, shard)
-        if marker is None:
-            return None
-        shards[shard_name(shard)] = {"rows": marker["rows"], "sha256": marker["sha256"]}
-    manifest = {
-        **meta,
-        "complete": True,
-        "pairs": sum(s["rows"] for s in shards.values()),
-        "shards": shards,
-    }
-    atomic.write_json(path / MANIFEST_JSON, manifest)
+    need = {} if required is None else _by_shard(required, meta["num_shards"])
+    with entry_lock(path):
+        shards = {}
+        for shard in range(meta["num_shards"]):
+            marker = read_marker(path, shard)
+            f = path / f"{shard_name(shard)}.parquet"
+            if marker is None or not f.is_file() or atomic.file_sha256(f) != marker.get("sha256"):
+                return None
+            if shard in need:
+                have = _read_pairs(f)
+                if have is None or need[shard].join(have, on=PAIR, how="anti").height:
+                    return None
+            shards[shard_name(shard)] = {"rows": marker["rows"], "sha256": marker["sha256"]}
+        atomic.remove_stale_tmp(path, MANIFEST_JSON)  # a killed finalizer's: none runs now
+        manifest = {
+            **meta,
+            "complete": True,
+            "pairs": sum(s["rows"] for s in shards.values()),
+            "shards": shards,
+        }
+        atomic.write_json(path / MANIFEST_JSON, manifest)
     return manifest
+
+
+def missing_pairs(path: Path, required: pl.DataFrame) -> pl.DataFrame:
+    """The (image_id, caption_id) pairs of ``required`` that no shard file of the entry holds."""
+    path = Path(path)
+    out = [pl.DataFrame(schema={"image_id": pl.Int64, "caption_id": pl.Int64})]
+    with entry_lock(path, shared=True):
+        for shard, need in _by_shard(required, read_key(path)["num_shards"]).items():
+            have = _read_pairs(path / f"{shard_name(shard)}.parquet")
+            out.append(need if have is None else need.join(have, on=PAIR, how="anti"))
+    return pl.concat(out).sort(PAIR)
 
 
 def cache_info(path: Path) -> dict:
@@ -262,12 +328,19 @@ def cache_info(path: Path) -> dict:
 
 
 def list_caches(root: Path) -> list[dict]:
-    """cache_info of every entry under a cache root."""
+    """cache_info of every entry under a cache root; an unreadable one as {cache_path, error}."""
     root = Path(root)
     check_cache_root(root)
     if not root.is_dir():
         raise FileNotFoundError(f"cache dir '{root}' does not exist")
-    return [cache_info(p) for p in sorted(root.iterdir()) if (p / KEY_JSON).is_file()]
+    out = []
+    for p in sorted(root.iterdir()):
+        if (p / KEY_JSON).is_file():
+            try:
+                out.append(cache_info(p))
+            except ValueError as e:  # another format version, a corrupt key.json: say which
+                out.append({"cache_path": str(p), "error": str(e)})
+    return out
 
 
 def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.DataFrame]:
@@ -285,25 +358,28 @@ def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.Da
             "dataset's candidates with `cprd score-teacher`"
         )
     mfile = path / MANIFEST_JSON
-    if not mfile.is_file():
-        info = cache_info(path)
-        raise ValueError(
-            f"teacher cache '{path}' is incomplete ({info['shards_complete']} of "
-            f"{info['num_shards']} shards); finish it with `cprd score-teacher`"
-        )
-    manifest = json.loads(mfile.read_text())
-    frames = []
-    for name, entry in manifest["shards"].items():
-        f = path / f"{name}.parquet"
-        if not f.is_file():
+    with entry_lock(path, shared=True):  # no shard is replaced while it is read
+        if not mfile.is_file():
+            info = cache_info(path)
             raise ValueError(
-                f"teacher cache shard '{f}' is missing; re-score it with "
-                "`cprd score-teacher` on the same candidates"
+                f"teacher cache '{path}' is incomplete ({info['shards_complete']} of "
+                f"{info['num_shards']} shards, no {MANIFEST_JSON}); finish it with `cprd "
+                "score-teacher` on its candidates"
             )
-        if atomic.file_sha256(f) != entry["sha256"]:
-            raise ValueError(
-                f"teacher cache shard '{f}' is damaged (checksum mismatch); re-score "
-                "it with `cprd score-teacher` on the same candidates"
-            )
-        frames.append(pl.from_arrow(pq.read_table(f, schema=SHARD_SCHEMA)))
+        manifest = json.loads(mfile.read_text())
+        check_version(manifest, path)
+        frames = []
+        for name, entry in manifest["shards"].items():
+            f = path / f"{name}.parquet"
+            if not f.is_file():
+                raise ValueError(
+                    f"teacher cache shard '{f}' is missing; re-score it with "
+                    "`cprd score-teacher` on the same candidates"
+                )
+            if atomic.file_sha256(f) != entry["sha256"]:
+                raise ValueError(
+                    f"teacher cache shard '{f}' is damaged (checksum mismatch); re-score "
+                    "it with `cprd score-teacher` on the same candidates"
+                )
+            frames.append(pl.from_arrow(pq.read_table(f, schema=SHARD_SCHEMA)))
     return manifest, pl.concat(frames)

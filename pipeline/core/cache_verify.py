@@ -2,7 +2,8 @@
 
 Every shard: marker and parquet both present, checksum and row count as the marker says, the
 file readable, every pair hashed to this shard, no duplicate pairs, finite scores; the manifest
-agreeing with key.json and the markers. Repair (re-scoring only the damaged shards) lives in
+agreeing with key.json and the markers; with a candidates dir, every pair score-teacher would
+score for it (pipeline.pairs) cached. Repair (re-scoring only the damaged shards) lives in
 pipeline.score.repair_cache, which needs the teacher.
 """
 
@@ -21,6 +22,8 @@ from pipeline.core.cache import (
     MANIFEST_JSON,
     SHARD_SCHEMA,
     cache_key,
+    entry_lock,
+    missing_pairs,
     read_key,
     read_marker,
     shard_name,
@@ -84,7 +87,7 @@ def _manifest_problems(path: Path, meta: dict) -> list[str]:
         return [f"{MANIFEST_JSON} unreadable ({e})"]
     problems = [
         f"{MANIFEST_JSON}: {k} differs from {KEY_JSON}"
-        for k in ("key", "num_shards", *KEY_FIELDS)
+        for k in ("format", "version", "key", "num_shards", *KEY_FIELDS)
         if manifest.get(k) != meta.get(k)
     ]
     names = [shard_name(s) for s in range(meta["num_shards"])]
@@ -106,12 +109,39 @@ def _manifest_problems(path: Path, meta: dict) -> list[str]:
     return problems
 
 
-def verify(path: Path) -> dict:
+def coverage(path: Path, candidates: Path, data: Path | None = None) -> dict:
+    """How many of the pairs score-teacher scores for ``candidates`` the entry lacks.
+
+    The pairs are pipeline.pairs' (the candidates' pairs and the positives of their split);
+    candidates of another dataset are an error naming --candidates.
+    """
+    from pipeline.core.pairs import PAIR_KEY, load_pair_set
+
+    meta = read_key(path)
+    manifest, _, _, wanted = load_pair_set(candidates, data)
+    have = manifest["dataset"]["fingerprint"]
+    if have != meta["dataset_fingerprint"]:
+        raise ValueError(
+            f"--candidates '{candidates}' belong to another cache: they were mined from "
+            f"dataset {have[:12]}, this cache holds dataset "
+            f"{meta['dataset_fingerprint'][:12]}; pass candidates of this cache's dataset"
+        )
+    missing = missing_pairs(path, wanted.pairs)
+    return {
+        "candidates": str(candidates),
+        "pairs": wanted.pairs.height,
+        "missing": missing.height,
+        "positives_missing": wanted.positives.join(missing, on=PAIR_KEY, how="semi").height,
+    }
+
+
+def verify(path: Path, candidates: Path | None = None, data: Path | None = None) -> dict:
     """A health report of a cache entry; reads every shard, changes nothing.
 
     ``damaged`` maps each bad shard's name to one line saying what is wrong, ``manifest`` lists
     what in cache.json disagrees, ``key_problems`` what is wrong with key.json itself (re-scoring
-    cannot fix that); ``healthy`` is True when all three are empty.
+    cannot fix that); with ``candidates``, ``coverage`` counts their pairs the cache lacks
+    (:func:`coverage`). ``healthy`` is True when all of these are empty (and none is missing).
     """
     path = Path(path)
     meta = read_key(path)
@@ -127,14 +157,15 @@ def verify(path: Path) -> dict:
             "(renamed?); score-teacher looks for it under its key"
         )
     damaged, pairs = {}, 0
-    for shard in range(num_shards):
-        problems, rows = _shard_problems(path, shard, num_shards)
-        if problems:
-            damaged[shard_name(shard)] = "; ".join(problems)
-        else:
-            pairs += rows
-    manifest = _manifest_problems(path, meta)
-    return {
+    with entry_lock(path, shared=True):  # a running score-teacher commits nothing meanwhile
+        for shard in range(num_shards):
+            problems, rows = _shard_problems(path, shard, num_shards)
+            if problems:
+                damaged[shard_name(shard)] = "; ".join(problems)
+            else:
+                pairs += rows
+        manifest = _manifest_problems(path, meta)
+    report = {
         "cache_path": str(path),
         "key": meta.get("key"),
         "num_shards": num_shards,
@@ -144,5 +175,9 @@ def verify(path: Path) -> dict:
         "manifest": manifest,
         "key_problems": key_problems,
         "temporaries": sorted(p.name for p in path.iterdir() if atomic.TMP_MARK in p.name),
-        "healthy": not (damaged or manifest or key_problems),
     }
+    if candidates is not None:
+        report["coverage"] = coverage(path, candidates, data)
+    missing = report.get("coverage", {}).get("missing", 0)
+    report["healthy"] = not (damaged or manifest or key_problems or missing)
+    return report

@@ -115,7 +115,7 @@ def load_embeddings(path: str | Path, manifest: dict | None = None) -> Embedding
     path = Path(path)
     manifest = manifest or read_manifest(path)
     arrays = {
-        name: np.load(_verified(path, manifest, f"{EMBEDDINGS_DIR}/{name}.npy"))
+        name: np.load(_verified(path, manifest, f"{EMBEDDINGS_DIR}/{name}.npy"), allow_pickle=False)
         for name in EMBEDDING_FILES
     }
     return Embeddings(**arrays)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.core.dataset import Dataset
 from pipeline.core.schemas import CANDIDATES_JSON, DATASET_JSON
+from pipeline.stages.demo_rows import DEMO_ROWS, agreement, best_val, train_row
 
 log = logging.getLogger(__name__)
 
@@ -134,57 +135,6 @@ class _Stages:
             }
         )
         return result
-
-
-# Student rows: name -> train-student options beyond the profile's. Every hard row receives each
-# query's top hard_k cached negatives (the trainer's defaults). `itc-hard` is the teacher-free
-# control: the miner's batch order, ground-truth labels. Random batches train 1 + neighbours
-# times the epochs, so every row takes the same number of optimizer steps.
-ROWS: dict[str, dict] = {
-    "itc": {"loss": "none", "batching": "random"},  # plain ITC; the demo's miner
-    "itc-hard": {"loss": "none", "batching_order": "miner"},
-    "itc-teacher-batches": {"loss": "none", "batching_order": "teacher"},  # the teacher via batches
-    "cprd": {"loss": "cprd"},  # teacher-ordered batches, the default with a cache
-    "cprd-miner": {"loss": "cprd", "batching_order": "miner"},
-    "kl": {"loss": "kl"},
-    "listmle": {"loss": "listmle"},
-    "margin-mse": {"loss": "margin-mse"},
-}
-DEMO_ROWS = ("itc", "itc-hard", "cprd", "kl")  # what `cprd demo` trains; the method table: all
-
-
-def train_row(
-    cfg: DemoConfig, p: DemoProfile, name: str, out: Path, cache: Path, cand: Path
-) -> dict:
-    """Train student row ``name`` (ROWS) into ``out`` with the profile's settings."""
-    kw = dict(ROWS[name])
-    epochs = p.student_epochs
-    if kw.get("batching") == "random":
-        epochs *= 1 + p.neighbours  # equal optimizer steps with the hard rows
-    else:
-        kw.update(teacher_scores=cache, candidates=cand)
-    return _student(cfg, p, out, epochs=epochs, **kw)
-
-
-def _student(cfg: DemoConfig, p: DemoProfile, out: Path, epochs: int | None = None, **kw):
-    from student.train import train_student
-    from student.train_config import StudentTrainConfig
-
-    scfg = StudentTrainConfig(
-        data=cfg.out / "data",
-        out=out,
-        student="tiny",
-        epochs=epochs or p.student_epochs,
-        batch_size=p.student_batch,
-        seed=cfg.seed,
-        device=cfg.device,
-        num_workers=0,
-        overwrite=True,
-        neighbours_per_seed=p.neighbours,
-        warmup_steps=p.warmup,
-        **kw,
-    )
-    return train_student(scfg)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -379,18 +329,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         "best_student": students_by_val[0]["name"] if students_by_val else None,
     }
     return write_report(out, rows, stages.records, score, profile=cfg.profile, extra=mined)
-
-
-def agreement(ra: dict) -> float:
-    """One number for a row: Kendall tau with the teacher, averaged over both directions."""
-    return round((ra["i2t"]["kendall_tau"] + ra["t2i"]["kendall_tau"]) / 2, 3)
-
-
-def best_val(student_dir: Path) -> float | None:
-    """The val RSUM of the epoch a student kept (how the demo picks its recipe: val only)."""
-    lines = (Path(student_dir) / "metrics.jsonl").read_text().splitlines()
-    vals = [r["val"]["rsum"] for r in map(json.loads, lines) if r.get("event") == "val"]
-    return round(max(vals), 2) if vals else None
 
 
 def _teacher_full(data: Path, teacher: Path, out: Path, device: str | None) -> dict:

@@ -1,8 +1,10 @@
 """Stage 2, ``cprd score-teacher``: score every unique candidate pair with the teacher, once.
 
-Work is split into the cache's N shards (pipeline.cache); each worker takes
+The pairs are those of pipeline.pairs: the candidates' pairs plus every ground-truth pair of
+their split. Work is split into the cache's N shards (pipeline.cache); each worker takes
 ``shards[rank::world_size]`` (of ``--shard-ids`` when given), holds a shard's lock while it scores
-it, and skips shards that are complete or held by another process.
+it, and skips shards that are complete or held by another process. Whoever finds every pair of
+its candidates cached writes the manifest; ``complete`` in the summary means exactly that.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import polars as pl
 from tqdm import tqdm
 
 from pipeline.core import atomic, cache, cache_verify
-from pipeline.core.candidates import candidate_pairs, load_candidates
-from pipeline.core.dataset import Dataset
+from pipeline.core.candidates import candidate_pairs  # noqa: F401
+from pipeline.core.pairs import PAIR_KEY, load_pair_set, unique_pairs  # noqa: F401 (re-exported)
 from pipeline.torchkit.encode import worker_device
 from teacher.scoring import score_pairs
 
@@ -117,17 +119,10 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
         )
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     cache.check_cache_root(cfg.cache_dir, "--cache-dir")
-    manifest, cand = load_candidates(cfg.candidates)
-    ds = Dataset.load(cfg.data or manifest["dataset"]["path"])
-    if ds.fingerprint != manifest["dataset"]["fingerprint"]:
-        raise ValueError(
-            f"dataset '{ds.root}' is not the one candidates '{cfg.candidates}' were "
-            "mined from (fingerprints differ); pass the right --data"
-        )
-    pairs = candidate_pairs(cand)
+    _, cand, ds, wanted = load_pair_set(cfg.candidates, cfg.data)
+    pairs = wanted.pairs
     # one GPU per worker when launched as several processes (torchrun, srun): cuda:LOCAL_RANK
-    device = worker_device(cfg.device)
-    teacher = loaded_teacher or load_teacher(cfg.teacher, device=device)
+    teacher = loaded_teacher or load_teacher(cfg.teacher, device=worker_device(cfg.device))
     key, fields = cache.cache_key(ds.fingerprint, teacher.identity)
     path = cache.open_cache(cfg.cache_dir, fields, key, cfg.shards, teacher.identity)
     num_shards = cache.read_key(path)["num_shards"]
@@ -142,22 +137,18 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
     by_shard = {
         s: df.drop("shard") for (s,), df in pairs.partition_by("shard", as_dict=True).items()
     }
+    none = pairs.clear().drop("shard")
     todo = {}
     for shard in mine:
-        need = by_shard.get(shard, pairs.clear().drop("shard"))
-        have = _existing(path, shard)
-        missing = (
-            need if have is None else need.join(have, on=["image_id", "caption_id"], how="anti")
-        )
-        todo[shard] = (have, missing)
-    total = sum(m.height for _, m in todo.values())
+        need, have = by_shard.get(shard, none), _existing(path, shard)
+        todo[shard] = need if have is None else need.join(have, on=PAIR_KEY, how="anti")
+    total = sum(m.height for m in todo.values())
     paths = {i: ds.image_path(p) for i, p in ds.images.select("image_id", "path").iter_rows()}
 
     written, skipped, busy, scored = [], [], [], 0
     bar = tqdm(total=total, desc="teacher pairs", unit="pair", disable=not progress)
     for shard in mine:
-        have, missing = todo[shard]
-        if missing.height == 0 and cache.read_marker(path, shard) is not None:
+        if todo[shard].height == 0 and cache.read_marker(path, shard) is not None:
             log.info("shard %d: complete, skipped", shard)
             skipped.append(shard)
             continue
@@ -166,12 +157,19 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
                 log.info("shard %d: held by another process, skipped", shard)
                 busy.append(shard)
                 continue
+            # Only a holder of this lock writes the shard: a killed one's temporaries are stale.
+            for name in (f"{cache.shard_name(shard)}.parquet", f"{cache.shard_name(shard)}.json"):
+                atomic.remove_stale_tmp(path, name)
             have = _existing(path, shard)  # another process may have finished it meanwhile
-            need = by_shard.get(shard, pairs.clear().drop("shard"))
-            if have is not None:
-                missing = need.join(have, on=["image_id", "caption_id"], how="anti")
+            need = by_shard.get(shard, none)
+            missing = need if have is None else need.join(have, on=PAIR_KEY, how="anti")
+            if missing.height == 0 and have is not None and cache.read_marker(path, shard):
+                log.info("shard %d: completed by another process, skipped", shard)
+                skipped.append(shard)
+                continue
             new = None
             if missing.height:
+                cache.remove_manifest(path)  # readers see an incomplete cache from here on
                 new = score_pairs(
                     teacher,
                     missing,
@@ -187,7 +185,9 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
             scored += 0 if new is None else new.height
             written.append(shard)
     bar.close()
-    final = cache.finalize(path)
+    pairs = pairs.drop("shard")
+    final = cache.finalize(path, pairs)  # checked under the entry lock: every pair is cached
+    missing = pairs.clear() if final is not None else cache.missing_pairs(path, pairs)
     summary = {
         "cache_path": str(path),
         "key": key,
@@ -195,7 +195,15 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
         "rank": rank,
         "world_size": world,
         "pairs_total": pairs.height,
+        "pairs_candidates": wanted.candidate_pairs.height,
         "pairs_scored": scored,
+        "pairs_missing": missing.height,
+        "positives": {
+            "total": wanted.positives.height,
+            "added": wanted.positives_added,  # not among the candidates: scored for this rule
+            "cached": wanted.positives.height
+            - wanted.positives.join(missing, on=PAIR_KEY, how="semi").height,
+        },
         "shards_written": len(written),
         "shards_written_ids": written,
         "device": str(teacher.device),
@@ -205,7 +213,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
     }
     if final is not None:
         _, all_scores = cache.load_scores(path)
-        needed = pairs.join(all_scores, on=["image_id", "caption_id"], how="inner")
+        needed = wanted.candidate_pairs.join(all_scores, on=PAIR_KEY, how="inner")
         summary["teacher_score"] = describe(needed["score"].to_numpy())
         summary["miner_score"] = describe(cand["score"].to_numpy())
     return summary
@@ -225,14 +233,15 @@ def repair_cache(
 
     The cache does not record its candidates, so ``candidates`` must be the set it was scored
     from; ``teacher`` (default: the spec key.json records) must give the same cache key. A
-    re-scored shard holds only the pairs of these candidates: pairs scored for other candidate
-    sets are lost from it (the summary warns).
+    re-scored shard holds only the pairs of these candidates (score-teacher's set, positives
+    included): pairs scored for other candidate sets are lost from it (the summary warns).
+    ``before`` and ``after`` are cache_verify reports, with the candidates' coverage.
     """
     from teacher.model import load_teacher
 
     path = Path(path)
     meta = cache.read_key(path)
-    before = cache_verify.verify(path)
+    before = cache_verify.verify(path, candidates, data)
     if before["key_problems"]:
         raise ValueError(
             f"cache '{path}' cannot be repaired: {before['key_problems'][0]}; delete it and run "
@@ -245,13 +254,6 @@ def repair_cache(
             raise ValueError(
                 f"{len(redo)} shards need re-scoring: --repair needs --candidates DIR, the "
                 "candidates this cache was scored from"
-            )
-        have = load_candidates(candidates)[0]["dataset"]["fingerprint"]
-        if have != meta["dataset_fingerprint"]:
-            raise ValueError(
-                f"--candidates '{candidates}' belong to another cache: they were mined from "
-                f"dataset {have[:12]}, this cache holds dataset "
-                f"{meta['dataset_fingerprint'][:12]}; pass the candidates it was scored from"
             )
         spec = teacher or meta["teacher"]["spec"]
         loaded = load_teacher(spec, device=device)
@@ -270,7 +272,7 @@ def repair_cache(
             entry = entry if isinstance(entry, dict) else cache.read_marker(path, shard) or {}
             old_rows[shard] = entry.get("rows")
         # The manifest goes first: readers then see an incomplete cache, never a stale manifest.
-        (path / cache.MANIFEST_JSON).unlink(missing_ok=True)
+        cache.remove_manifest(path)
         for shard in redo:
             with cache.shard_lock(path, shard) as got:
                 if not got:
@@ -304,7 +306,7 @@ def repair_cache(
                 )
     rewrite = bool(redo or before["manifest"])
     summary["manifest_rewritten"] = rewrite and cache.finalize(path) is not None
-    summary["after"] = cache_verify.verify(path)
+    summary["after"] = cache_verify.verify(path, candidates, data)
     summary["before"] = before
     return summary
 

@@ -86,7 +86,7 @@ class FeatureStore:
             return
         for part in sorted(self.dir.glob("part-*.npz")):
             try:
-                with np.load(part) as z:
+                with np.load(part, allow_pickle=False) as z:
                     keys = z["keys"].tolist()
             except (OSError, ValueError, KeyError) as e:  # a foreign or damaged file: recompute
                 log.warning("feature cache: ignoring unreadable %s (%s)", part, e)
@@ -96,7 +96,7 @@ class FeatureStore:
 
     def _load(self, part: Path) -> dict[str, np.ndarray]:
         if part not in self._parts:
-            with np.load(part) as z:
+            with np.load(part, allow_pickle=False) as z:
                 self._parts[part] = {name: z[name] for name in ("offsets", "data")}
         return self._parts[part]
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core import atomic
+from pipeline.core.safe_load import load_tensors
 
 __all__ = [
     "IMAGE_PACKAGE",
@@ -146,7 +147,7 @@ def map_efficientnet_lite0(
 def load_efficientnet_lite0(trunk: torch.nn.Module, weights_file: Path) -> None:
     """Load the image package's ImageNet weights into timm's ``efficientnet_lite0`` ``trunk``
     (its classifier, when the trunk has none, is left out); raise on any mismatch."""
-    source = torch.load(weights_file, map_location="cpu", weights_only=True)
+    source = load_tensors(weights_file, f"reinstall {IMAGE_PACKAGE.dist}")
     with torch.device("meta"):  # names and shapes only, no init
         reference = timm.create_model("efficientnet_lite0").state_dict()
     mapped = map_efficientnet_lite0(source, reference)
