@@ -325,12 +325,32 @@ CASES = [
     ),
     (
         "mine: unknown model",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", t / "out", "--student", "NoNet"],
+        lambda w, t: [
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            w.ds,
+            "--out",
+            t / "out",
+            "--student",
+            "NoNet",
+        ],
         ["unknown model", "NoNet"],
     ),
     (
         "mine: a dataset as --student",
-        lambda w, t: ["mine-candidates", "--data", w.ds, "--out", t / "out", "--student", w.ds],
+        lambda w, t: [
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            w.ds,
+            "--out",
+            t / "out",
+            "--student",
+            w.ds,
+        ],
         ["not a cprd student directory"],
     ),
     (
@@ -954,12 +974,12 @@ CASES = [
     ),
     (
         "evaluate: unknown model",
-        lambda w, t: ["evaluate", "--data", w.ds, "--student", "NoNet"],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.ds, "--student", "NoNet"],
         ["unknown model", "NoNet"],
     ),
     (
         "evaluate: a candidates dir as --student",
-        lambda w, t: ["evaluate", "--data", w.ds, "--student", w.cand],
+        lambda w, t: ["evaluate", "--student", "tiny", "--data", w.ds, "--student", w.cand],
         ["not a cprd student directory"],
     ),
     (

@@ -240,7 +240,12 @@ def test_coverage_against_candidates(clean, entry, small_dataset, tmp_path):
     assert report["coverage"]["pairs"] == clean["scores"].height
 
     more = tmp_path / "k5"
-    assert run("mine-candidates", "--data", small_dataset, "--out", more, "--k", 5).exit_code == 0
+    assert (
+        run(
+            "mine-candidates", "--student", "tiny", "--data", small_dataset, "--out", more, "--k", 5
+        ).exit_code
+        == 0
+    )
     code, report = verify(entry, "--candidates", more)
     assert code == 1 and not report["healthy"] and report["coverage"]["missing"] > 0
     assert report["damaged"] == {} and report["manifest"] == []

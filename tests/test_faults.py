@@ -125,7 +125,15 @@ def test_concurrent_workers_remine_and_kills(small_dataset, tiny_teacher_dir, tm
 
     for k in (2, 4):
         mined = run(
-            "mine-candidates", "--data", small_dataset, "--out", tmp_path / f"k{k}", "--k", k
+            "mine-candidates",
+            "--student",
+            "tiny",
+            "--data",
+            small_dataset,
+            "--out",
+            tmp_path / f"k{k}",
+            "--k",
+            k,
         )
         assert mined.exit_code == 0, mined.output
     cmd = ["score-teacher", "--teacher", tiny_teacher_dir, "--shards", "6", "--batch-size", "2"]
