@@ -31,6 +31,13 @@ overwrite_option = click.option(
 device_option = click.option(
     "--device", default=None, help="torch device [default: cuda if present]."
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["fp32", "amp_bf16", "amp", "bf16", "fp16"]),
+    default=None,
+    help="fp32; amp_bf16 / amp: fp32 weights under bf16 / fp16 autocast; bf16 / fp16: the "
+    "weights cast [default: amp_bf16 on CUDA, fp32 elsewhere]. Recorded in the outputs.",
+)
 
 
 def _positive(**values: int) -> None:

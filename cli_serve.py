@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli_common import CONTEXT, _emit, json_option
+from cli_common import CONTEXT, _emit, json_option, precision_option
 
 # Every form of model spec student/models.py accepts (cli.py uses it too).
 STUDENT_HELP = (
@@ -43,13 +43,16 @@ def _student_option(required: bool):
 @click.option("--batch-size", default=64, show_default=True, help="Encoding batch size.")
 @click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
 @click.option("--device", default=None, help="torch device [default: cuda if present].")
+@precision_option
 @click.option(
     "--overwrite",
     is_flag=True,
     help="Replace OUT if it exists (only once the new one is complete).",
 )
 @json_option
-def encode_cmd(data, split, student, out, index, batch_size, seed, device, overwrite, as_json):
+def encode_cmd(
+    data, split, student, out, index, batch_size, seed, device, precision, overwrite, as_json
+):
     """Encode a split's images and captions and save a FAISS index of the images, for serving.
 
     OUT holds embeddings/{image,image_ids,caption,caption_ids}.npy, images.parquet (image_id,
@@ -74,6 +77,7 @@ def encode_cmd(data, split, student, out, index, batch_size, seed, device, overw
         batch_size=batch_size,
         seed=seed,
         device=device,
+        precision=precision,
         overwrite=overwrite,
     )
     m = encode_gallery(cfg)

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from cli_common import CONTEXT, _emit, _positive, device_option, json_option, overwrite_option
+from cli_common import (
+    CONTEXT,
+    _emit,
+    _positive,
+    device_option,
+    json_option,
+    overwrite_option,
+    precision_option,
+)
 from cli_serve import STUDENT_HELP
 
 # Required: a forgotten --student once evaluated a random `tiny` model without a word.
@@ -35,6 +43,7 @@ student_option = click.option("--student", required=True, help=STUDENT_HELP)
     help="Reuse the embeddings of another candidates dir (same data, split, weights).",
 )
 @device_option
+@precision_option
 @overwrite_option
 @json_option
 def mine_candidates(
@@ -48,6 +57,7 @@ def mine_candidates(
     seed,
     embeddings_from,
     device,
+    precision,
     overwrite,
     as_json,
 ):
@@ -75,6 +85,7 @@ def mine_candidates(
         batch_size=batch_size,
         seed=seed,
         device=device,
+        precision=precision,
         embeddings_from=embeddings_from,
         overwrite=overwrite,
     )
@@ -133,6 +144,7 @@ def mine_candidates(
     "LAVIS's default, use it to compare with published BLIP numbers).",
 )
 @device_option
+@precision_option
 @json_option
 def evaluate_cmd(
     data,
@@ -145,6 +157,7 @@ def evaluate_cmd(
     rerank_score,
     teacher_scores,
     device,
+    precision,
     as_json,
 ):
     """Recall@1/5/10 both directions and RSUM (percent) of a dual encoder on one split.
@@ -167,6 +180,7 @@ def evaluate_cmd(
         batch_size=batch_size,
         seed=seed,
         device=device,
+        precision=precision,
         rerank_teacher=rerank_teacher,
         rerank_k=rerank_k,
         teacher_scores=teacher_scores,
@@ -251,6 +265,7 @@ def evaluate_cmd(
     help="Dataset dir [default: the one recorded in the candidates].",
 )
 @device_option
+@precision_option
 @json_option
 def score_teacher_cmd(
     candidates,
@@ -263,6 +278,7 @@ def score_teacher_cmd(
     batch_size,
     data,
     device,
+    precision,
     as_json,
 ):
     """Score every unique candidate pair with the cross-encoder once, into a sharded cache.
@@ -291,6 +307,7 @@ def score_teacher_cmd(
         batch_size=batch_size,
         data=data,
         device=device,
+        precision=precision,
     )
     summary = {"command": "score-teacher", **score_teacher(cfg)}
     if "teacher_score" in summary and not as_json:

@@ -36,7 +36,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 
 from pipeline.core.atomic import file_sha256
 from pipeline.core.safe_load import load_tensors
-from pipeline.torchkit.encode import weights_sha256
+from pipeline.torchkit.encode import cast_model, weights_sha256
 from student import pretrained
 from student.storage import STUDENT_FORMAT, read_student, save_student
 
@@ -100,6 +100,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LoadedModel:
         name, _, weights = spec.partition(":")
         loaded = _load_open_clip(spec, name, weights or None)
     loaded.model.to(device).eval()
+    cast_model(loaded.model, torch.device(device))  # pure bf16 / fp16 under --precision
     return loaded
 
 
@@ -242,4 +243,5 @@ def load_student(directory: str | os.PathLike, device: str | torch.device = "cpu
     }
     loaded = _loaded(model, model_cfg, str(directory), identity)
     loaded.model.to(device).eval()
+    cast_model(loaded.model, torch.device(device))  # pure bf16 / fp16 under --precision
     return loaded

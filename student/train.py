@@ -41,6 +41,8 @@ from pipeline.torchkit.encode import (
     encode_images,
     encode_texts,
     pick_device,
+    resolve_precision,
+    with_precision,
 )
 from student.bank import NegativeBank
 from student.batch_loss import Delivery, DistillSettings, pool_positive, step_loss
@@ -192,6 +194,7 @@ def make_planner(
     )
 
 
+@with_precision
 def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
     """Train, validate every val_every epochs, keep the best model in ``cfg.out``; return a
     summary: out, steps, epochs, best_epoch, best_val, final_val, hard negatives per query, time."""
@@ -400,6 +403,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
             "bank_staleness": state["staleness"] if bank is not None else None,
             "lookup": lookup.summary() if lookup is not None else None,
             "train_seconds": round(state["train_seconds"], 2),
+            "precision": resolve_precision(env.device),
         }
     finally:
         tracking.close(cfg.out)

@@ -53,6 +53,7 @@ class StudentTrainConfig:
     neighbours_per_seed: int = 3  # hard batching: about this many neighbour pairs per seed
     seed: int = 0  # model init (tiny) and batch order
     device: str | None = None  # None: CUDA when present, else CPU
+    precision: str | None = None  # fp32 | amp_bf16 | amp | bf16 | fp16; None: amp_bf16 on CUDA
     num_workers: int = 2  # image-decoding worker processes per rank
     feature_cache: Path | None = None  # frozen towers' feature cache; None: $CPRD_FEATURE_CACHE
     # or ~/.cache/cprd/features (pipeline/torchkit/features.py)
@@ -91,6 +92,7 @@ def _need(ok: bool, message: str) -> None:
 def check_config(cfg: StudentTrainConfig) -> None:
     """Raise ValueError naming the flag for any invalid option or combination of options."""
     # Imported here: this module stays light so `cprd --help` can read the config instantly.
+    from pipeline.torchkit.encode import check_precision
     from student.losses import LOSS_NAMES
 
     _need(
@@ -164,6 +166,7 @@ def check_config(cfg: StudentTrainConfig) -> None:
         "--batching-order teacher needs --teacher-scores PATH; use --batching-order miner with "
         "--candidates for a teacher-free run",
     )
+    check_precision(cfg.precision)
     _need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
     for line in ignored_flags(cfg):  # said, not silently dropped
         log.warning(line)

@@ -42,7 +42,7 @@ from torch import nn
 
 from pipeline.core.atomic import json_sha256
 from pipeline.torchkit import features
-from pipeline.torchkit.encode import autocast, pick_device
+from pipeline.torchkit.encode import autocast, cast_model, pick_device, resolve_precision
 from pipeline.torchkit.towers import IMAGE_PACKAGE, TEXT_PACKAGE, cached_file_sha256, dist_version
 from teacher.effnet_minilm_towers import (
     GRID,
@@ -359,7 +359,8 @@ def load_effnet_minilm(spec: str, device: str | torch.device | None = None) -> E
             "image_std": list(IMAGENET_STD),
             "max_text_length": MAX_TEXT_LENGTH,
         },
-        "precision": "bf16" if dev.type == "cuda" else "fp32",
+        "precision": resolve_precision(dev),  # --precision, part of the cache key
     }
+    cast_model(head, dev)  # pure bf16 / fp16 under --precision (the towers run under autocast)
     log.info("loaded %s teacher %s on %s", KIND, spec, dev)
     return EffnetMiniLMTeacher(head=head, towers=tw, device=dev, identity=identity)

@@ -19,7 +19,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-from pipeline.torchkit.encode import autocast, pick_device, weights_sha256
+from pipeline.torchkit.encode import (
+    autocast,
+    cast_model,
+    pick_device,
+    resolve_precision,
+    weights_sha256,
+)
 from teacher.scoring import TeacherScores, match_prob
 
 log = logging.getLogger(__name__)
@@ -96,7 +102,7 @@ def teacher_identity(
             "image_std": [float(x) for x in ip.image_std],
             "max_text_length": max_text_length(model, processor.tokenizer),
         },
-        "precision": "bf16" if device.type == "cuda" else "fp32",
+        "precision": resolve_precision(device),  # --precision, part of the cache key
     }
 
 
@@ -159,6 +165,7 @@ def load_teacher(spec: str, device: str | torch.device | None = None) -> LoadedT
     dev = pick_device(str(device) if device is not None else None)
     identity = teacher_identity(spec, model, processor, dev)
     model.eval().requires_grad_(False).to(dev)
+    cast_model(model, dev)  # pure bf16 / fp16 under --precision
     log.info("loaded teacher %s on %s (%s)", spec, dev, identity["precision"])
     return LoadedTeacher(model=model, processor=processor, device=dev, identity=identity)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.core import atomic, tracking
 from pipeline.core.dataset import Dataset
-from pipeline.torchkit.encode import autocast, pick_device
+from pipeline.torchkit.encode import autocast, pick_device, with_precision
 from teacher.batches import lexical_neighbours, neighbour_batches
 from teacher.evaluate import evaluate_teacher
 from teacher.losses import blip_losses
@@ -122,6 +122,7 @@ def _build_model(cfg: TeacherTrainConfig, train_texts: list[str]):
     return base.model.requires_grad_(True), base.processor
 
 
+@with_precision
 def train_teacher(cfg: TeacherTrainConfig, progress: bool = True) -> dict:
     """Train the teacher, save it to ``cfg.out``; return a summary with per-epoch metrics."""
     if cfg.base == "effnet-minilm":  # a cross-encoder over frozen pretrained towers

@@ -29,6 +29,7 @@ class TeacherTrainConfig:
     warmup: int | None = None  # linear warm-up steps, then cosine decay to 0 (default 100; 30)
     seed: int = 0  # seeds initialisation, batch order, caption choice and negative sampling
     device: str | None = None  # "cpu", "cuda", ...; default CUDA when present
+    precision: str | None = None  # fp32 | amp_bf16 | amp | bf16 | fp16; None: amp_bf16 on CUDA
     itm_weight: float = 1.0  # loss = itc + itm_weight * itm
     itc_temperature: float = 0.07  # ITC softmax temperature (BLIP's initial value)
     num_hard_negatives: int = 2  # ITM negatives mined from ITC per image and per caption (BLIP: 1)
@@ -74,6 +75,9 @@ class TeacherTrainConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def __post_init__(self) -> None:
+        from pipeline.torchkit.encode import check_precision  # torch: only when configs are built
+
+        check_precision(self.precision)
         from pipeline.core.tracking import check_report_to
 
         check_report_to(self.report_to)

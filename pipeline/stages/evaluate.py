@@ -23,7 +23,12 @@ from pipeline.core.metrics import (
     retrieval_metrics_from_ranks,
     sort_pairs,
 )
-from pipeline.torchkit.encode import encode_split, pick_device
+from pipeline.torchkit.encode import (
+    encode_split,
+    pick_device,
+    resolve_precision,
+    with_precision,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class EvalConfig:
     chunk_size: int = 1024  # queries ranked at once (bounds memory to chunk x gallery)
     seed: int = 0  # torch seed, for the random init of `tiny`
     device: str | None = None  # None: CUDA when present, else CPU
+    precision: str | None = None  # fp32 | amp_bf16 | amp | bf16 | fp16; None: amp_bf16 on CUDA
     rerank_teacher: str | None = None  # teacher spec: also report its re-ranking of the top-K
     rerank_k: int = 128  # dual-encoder candidates per query the teacher re-ranks
     teacher_scores: Path | None = None  # a teacher cache entry of this split's candidates: also
@@ -87,6 +93,7 @@ def relation_metrics(
     )
 
 
+@with_precision
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Encode the split and return ``{"split", "model", "images", "captions", "metrics"}``,
     plus ``metrics_full`` and ``rsum_full`` (and ``rerank_metrics_full``) when the dataset
@@ -108,6 +115,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     result = {
         "split": cfg.split,
         "model": loaded.identity,
+        "precision": resolve_precision(device),
         "images": len(img),
         "captions": len(cap),
         "metrics": retrieval_metrics_from_ranks(i2t, t2i),

@@ -32,7 +32,14 @@ from pipeline.core.candidates import EMBEDDING_FILES, Embeddings
 from pipeline.core.dataset import Dataset
 from pipeline.core.schemas import EMBEDDINGS_DIR
 from pipeline.core.search import INDEXES, build_index
-from pipeline.torchkit.encode import encode_split, encode_texts, pick_device
+from pipeline.torchkit.encode import (
+    encode_split,
+    encode_texts,
+    pick_device,
+    precision_scope,
+    resolve_precision,
+    with_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +60,11 @@ class EncodeConfig:
     batch_size: int = 64  # encoding batch size
     seed: int = 0  # torch seed, for the random init of `tiny`
     device: str | None = None  # None: CUDA when present, else CPU
-    precision: str | None = None  # None: the default of pipeline/precision.py for the device
+    precision: str | None = None  # fp32 | amp_bf16 | amp | bf16 | fp16; None: amp_bf16 on CUDA
     overwrite: bool = False  # replace `out` if it exists
 
 
+@with_precision
 def encode_gallery(cfg: EncodeConfig, progress: bool = True) -> dict:
     """Encode a split's images and captions, index the images, write the gallery dir; return its
     manifest."""
@@ -71,8 +79,6 @@ def encode_gallery(cfg: EncodeConfig, progress: bool = True) -> dict:
     device = pick_device(cfg.device)
     loaded = load_model(cfg.student, device=device)
     kw = {"batch_size": cfg.batch_size, "device": device, "progress": progress}
-    if cfg.precision is not None:
-        kw["precision"] = cfg.precision
     img, cap = encode_split(loaded, ds, images, captions, **kw)  # (N, D), (M, D)
     emb = Embeddings(
         image=img,
@@ -96,7 +102,7 @@ def encode_gallery(cfg: EncodeConfig, progress: bool = True) -> dict:
         "split": cfg.split,
         "model": loaded.identity,
         "seed": cfg.seed,
-        "precision": kw.get("precision"),
+        "precision": resolve_precision(device),
         "index": cfg.index,
         "dim": int(img.shape[1]),
         "counts": {"images": len(img), "captions": len(cap)},
@@ -175,10 +181,6 @@ def search_gallery(
     The queries are encoded with the model the gallery recorded (``student`` overrides the spec,
     e.g. after moving a student dir); its weights must hash to the recorded ones.
     """
-    import faiss
-
-    from student.models import load_model
-
     if k < 1:
         raise ValueError(f"-k must be >= 1, got {k}")
     if not queries or any(not q.strip() for q in queries):
@@ -188,6 +190,15 @@ def search_gallery(
     recorded = manifest["model"]
     torch.manual_seed(manifest.get("seed", 0))  # the same random init for `tiny`
     dev = pick_device(device)
+    with precision_scope(manifest.get("precision")):  # the queries as the gallery was encoded
+        return _search(path, manifest, recorded, queries, k, student, dev)
+
+
+def _search(path, manifest, recorded, queries, k, student, dev) -> list[list[dict]]:
+    import faiss
+
+    from student.models import load_model
+
     loaded = load_model(student or recorded["spec"], device=dev)
     if loaded.identity.get("weights_sha256") != recorded.get("weights_sha256"):
         raise ValueError(
@@ -195,10 +206,7 @@ def search_gallery(
             f"'{path}' was encoded with (sha256 {recorded.get('weights_sha256', '?')[:12]}); pass "
             "that model with --student, or re-run `cprd encode`"
         )
-    kw = {"device": dev, "progress": False}
-    if manifest.get("precision") is not None:
-        kw["precision"] = manifest["precision"]
-    q = encode_texts(loaded.model, loaded.tokenizer, queries, **kw)  # (Q, D)
+    q = encode_texts(loaded.model, loaded.tokenizer, queries, device=dev, progress=False)  # (Q, D)
     index = faiss.read_index(str(path / INDEX_FILE))
     if hasattr(index, "hnsw"):
         index.hnsw.efSearch = max(index.hnsw.efSearch, k)

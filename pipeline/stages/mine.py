@@ -20,7 +20,12 @@ from pipeline.core.dataset import Dataset
 from pipeline.core.relation import false_negative_rate
 from pipeline.core.schemas import CANDIDATES_JSON
 from pipeline.core.search import INDEXES, approximate_recall, topk_search
-from pipeline.torchkit.encode import encode_split, pick_device
+from pipeline.torchkit.encode import (
+    encode_split,
+    pick_device,
+    resolve_precision,
+    with_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +41,20 @@ class MineConfig:
     batch_size: int = 64  # encoding batch size
     seed: int = 0  # torch seed, for the random init of `tiny`
     device: str | None = None  # None: CUDA when present, else CPU
+    precision: str | None = None  # fp32 | amp_bf16 | amp | bf16 | fp16; None: amp_bf16 on CUDA
     embeddings_from: Path | None = None  # reuse another candidates dir's embeddings
     overwrite: bool = False  # replace `out` if it exists
 
 
 def _reusable(source: Path, fingerprint: str, split: str, identity: dict) -> Embeddings | None:
-    """The embeddings of candidates dir ``source`` if made from the same data, split and weights."""
+    """The embeddings of candidates dir ``source`` if made from the same data, split, weights and
+    precision."""
     manifest = read_manifest(source)
     same = (
         manifest["dataset"]["fingerprint"] == fingerprint
         and manifest["split"] == split
         and manifest["model"].get("weights_sha256") == identity.get("weights_sha256")
+        and manifest["model"].get("precision", "fp32") == identity["precision"]
     )
     return load_embeddings(source, manifest) if same else None
 
@@ -59,11 +67,13 @@ def _embed(
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     loaded = load_model(cfg.student, device=device)
+    # the embeddings' identity: the weights and the precision they ran with (--precision)
+    identity = {**loaded.identity, "precision": resolve_precision(device)}
     sources = [cfg.embeddings_from] if cfg.embeddings_from else []
     if cfg.overwrite and (Path(cfg.out) / "candidates.json").is_file():
         sources.append(Path(cfg.out))
     for source in sources:
-        emb = _reusable(Path(source), ds.fingerprint, cfg.split, loaded.identity)
+        emb = _reusable(Path(source), ds.fingerprint, cfg.split, identity)
         if (
             emb is not None
             and np.array_equal(emb.image_ids, images["image_id"].to_numpy())
@@ -72,7 +82,7 @@ def _embed(
             log.info(
                 "reusing embeddings from %s (same dataset, split and weights): no encoding", source
             )
-            return emb, loaded.identity
+            return emb, identity
         if cfg.embeddings_from and Path(source) == Path(cfg.embeddings_from):
             raise ValueError(
                 f"--embeddings-from '{source}' was made with another dataset, split or model; "
@@ -87,7 +97,7 @@ def _embed(
         caption=cap,
         caption_ids=captions["caption_id"].to_numpy().astype(np.int64),
     )
-    return emb, loaded.identity
+    return emb, identity
 
 
 def _direction(
@@ -121,6 +131,7 @@ def _direction(
     return table, recall
 
 
+@with_precision
 def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
     """Encode the split, search both directions, write the candidates dir; return its manifest."""
     if cfg.k < 1:

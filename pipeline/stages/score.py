@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.core import atomic, cache, cache_verify
 from pipeline.core.candidates import candidate_pairs  # noqa: F401
 from pipeline.core.pairs import PAIR_KEY, load_pair_set, unique_pairs  # noqa: F401 (re-exported)
-from pipeline.torchkit.encode import worker_device
+from pipeline.torchkit.encode import precision_scope, with_precision, worker_device
 from teacher.scoring import score_pairs
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class ScoreConfig:
     images_per_step: int = 16  # images (with all their captions) handed to the teacher at once
     data: Path | None = None  # dataset dir (None: the path recorded in the candidates manifest)
     device: str | None = None  # None: CUDA when present, else CPU
+    precision: str | None = None  # fp32 | amp_bf16 | amp | bf16 | fp16; None: amp_bf16 on CUDA
 
 
 def parse_shard_ids(text: str, num_shards: int | None = None) -> tuple[int, ...]:
@@ -100,6 +101,7 @@ def _existing(path: Path, shard: int) -> pl.DataFrame | None:
     return rows
 
 
+@with_precision
 def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) -> dict:
     """Score the missing pairs of this worker's shards; return the run summary.
 
@@ -237,10 +239,15 @@ def repair_cache(
     included): pairs scored for other candidate sets are lost from it (the summary warns).
     ``before`` and ``after`` are cache_verify reports, with the candidates' coverage.
     """
-    from teacher.model import load_teacher
-
     path = Path(path)
     meta = cache.read_key(path)
+    with precision_scope(meta.get("precision")):  # the precision the cache was scored with
+        return _repair(path, meta, candidates, teacher, data, batch_size, device, progress)
+
+
+def _repair(path, meta, candidates, teacher, data, batch_size, device, progress) -> dict:
+    from teacher.model import load_teacher
+
     before = cache_verify.verify(path, candidates, data)
     if before["key_problems"]:
         raise ValueError(

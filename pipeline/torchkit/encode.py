@@ -6,6 +6,8 @@ Letters in shape comments: N images, M captions, D embedding width, B batch.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import logging
 import os
@@ -59,11 +61,75 @@ def worker_device(
     return f"cuda:{int(local) % count}"
 
 
+# --precision (open_clip's names): fp32; amp_bf16 / amp: fp32 weights under bf16 / fp16
+# autocast; bf16 / fp16: the weights themselves cast to that type (and autocast to it, which
+# casts the inputs of every matmul and convolution). A stage sets it for everything it runs with
+# ``precision_scope``; unset, it is amp_bf16 on CUDA (fast and safe for inference) and fp32
+# elsewhere.
+PRECISIONS = ("fp32", "amp_bf16", "amp", "bf16", "fp16")
+_HALF = {
+    "amp_bf16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "amp": torch.float16,
+    "fp16": torch.float16,
+}
+_PRECISION: contextvars.ContextVar[str | None] = contextvars.ContextVar("precision", default=None)
+
+
+def check_precision(precision: str | None) -> str | None:
+    """``precision`` unchanged, or a ValueError naming --precision and the choices."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(
+            f"--precision '{precision}' is unknown; choose one of {', '.join(PRECISIONS)}"
+        )
+    return precision
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str | None) -> Iterator[None]:
+    """Run the block with ``--precision`` ``precision`` (None: the device's default)."""
+    token = _PRECISION.set(check_precision(precision))
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def with_precision(stage: Callable) -> Callable:
+    """Decorate a stage ``stage(cfg, ...)`` to run under ``precision_scope(cfg.precision)``;
+    ``cfg.precision`` None keeps the enclosing scope's (a stage run inside another)."""
+
+    @functools.wraps(stage)
+    def run(cfg, *args, **kwargs):
+        precision = getattr(cfg, "precision", None)
+        if precision is None:
+            return stage(cfg, *args, **kwargs)
+        with precision_scope(precision):
+            return stage(cfg, *args, **kwargs)
+
+    return run
+
+
+def resolve_precision(device: torch.device) -> str:
+    """The precision models run with on ``device``: the scope's, else the device's default."""
+    chosen = _PRECISION.get()
+    return chosen if chosen is not None else ("amp_bf16" if device.type == "cuda" else "fp32")
+
+
+def cast_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with its weights cast when the precision is pure bf16 / fp16 (else unchanged)."""
+    precision = resolve_precision(device)
+    if precision in ("bf16", "fp16"):
+        model.to(_HALF[precision])
+    return model
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (where it is fast and safe for inference); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast context of the precision (resolve_precision): none for fp32."""
+    dtype = _HALF.get(resolve_precision(device))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -127,6 +193,9 @@ def frozen_features(
     from pipeline.torchkit.features import FeatureStore, file_keys, text_keys
 
     device = device or pick_device()
+    precision = resolve_precision(device)
+    if precision != "fp32":  # features computed in half precision are other features
+        identity = {**identity, "precision": precision}
     if keys is None:
         keys = file_keys(inputs) if tower == "image" else text_keys(inputs)
     store = FeatureStore(identity, cache)
