@@ -264,6 +264,13 @@ def evaluate_cmd(
     default=None,
     help="Dataset dir [default: the one recorded in the candidates].",
 )
+@click.option(
+    "--num-workers",
+    type=int,
+    default=None,
+    help="Processes decoding and preprocessing images ahead of the teacher [default: 4 on "
+    "CUDA, 0 on CPU].",
+)
 @device_option
 @precision_option
 @json_option
@@ -276,6 +283,7 @@ def score_teacher_cmd(
     rank,
     world_size,
     batch_size,
+    num_workers,
     data,
     device,
     precision,
@@ -305,6 +313,7 @@ def score_teacher_cmd(
         rank=rank,
         world_size=world_size,
         batch_size=batch_size,
+        num_workers=num_workers,
         data=data,
         device=device,
         precision=precision,

@@ -48,10 +48,17 @@ class LoadedTeacher:
         return self.identity["preprocessing"]["max_text_length"]
 
     def score_grouped(
-        self, images: list[Image.Image], captions: list[list[str]], batch_size: int = 64
+        self,
+        images: list[Image.Image] | torch.Tensor,
+        captions: list[list[str]],
+        batch_size: int = 64,
     ) -> TeacherScores:
         """``score_grouped`` below: the method every teacher kind has (teacher.scoring)."""
         return score_grouped(self, images, captions, batch_size=batch_size)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, 3, H, W) pixel values on the CPU; ``score_grouped`` takes them for ``images``."""
+        return preprocess(self, images)
 
 
 def _fail(spec: str, reason: str) -> ValueError:
@@ -194,10 +201,15 @@ def _tokenize(teacher: LoadedTeacher, texts: list[str]) -> dict[str, torch.Tenso
     return {k: v.to(teacher.device) for k, v in tok.items()}
 
 
-def _pixels(teacher: LoadedTeacher, images: list[Image.Image]) -> torch.Tensor:
+def preprocess(teacher: LoadedTeacher, images: list[Image.Image]) -> torch.Tensor:
+    """(N, 3, H, W) pixel values of PIL images, on the CPU (what a DataLoader worker computes)."""
     rgb = [im.convert("RGB") for im in images]
-    out = teacher.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-    return out.to(teacher.device)
+    return teacher.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+
+def _pixels(teacher: LoadedTeacher, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+    pixels = images if isinstance(images, torch.Tensor) else preprocess(teacher, images)
+    return pixels.to(teacher.device)
 
 
 def itm_logits(
@@ -231,11 +243,12 @@ def _to_scores(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def score_grouped(
     teacher: LoadedTeacher,
-    images: list[Image.Image],
+    images: list[Image.Image] | torch.Tensor,
     captions: list[list[str]],
     batch_size: int = 64,
 ) -> TeacherScores:
-    """ITM scores of each image's captions; the vision encoder runs once per image.
+    """ITM scores of each image's captions; the vision encoder runs once per image. ``images``
+    are PIL images or their ``preprocess``-ed (N, 3, H, W) pixel values.
 
     ``captions[i]`` are the texts paired with ``images[i]`` (possibly none). Pairs are scored
     ``batch_size`` at a time, each reusing its image's encoder output.
@@ -259,8 +272,9 @@ def score_grouped(
         if not todo:
             continue
         with autocast(teacher.device):
+            chosen = images[todo] if isinstance(images, torch.Tensor) else [images[i] for i in todo]
             image_embeds = model.vision_model(
-                pixel_values=_pixels(teacher, [images[i] for i in todo])
+                pixel_values=_pixels(teacher, chosen)
             ).last_hidden_state  # (N, V, D)
         pairs = [(row, i, j) for row, i in enumerate(todo) for j in range(len(captions[i]))]
         for p0 in range(0, len(pairs), batch_size):

@@ -35,6 +35,25 @@ def match_prob(log_odds: np.ndarray) -> np.ndarray:
     return torch.sigmoid(torch.from_numpy(np.array(log_odds, dtype=np.float32))).numpy()
 
 
+class _Steps(torch.utils.data.Dataset):
+    """Step k's images decoded, and preprocessed when the teacher offers ``preprocess`` (a
+    (S, 3, H, W) tensor; else a list of PIL images): what DataLoader workers prepare while the
+    teacher scores the step before."""
+
+    def __init__(self, steps: list[list[int]], image_path, preprocess):
+        self.steps, self.image_path, self.preprocess = steps, image_path, preprocess
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k: int):
+        images = []
+        for image_id in self.steps[k]:
+            with Image.open(self.image_path[image_id]) as img:
+                images.append(img.convert("RGB"))
+        return self.preprocess(images) if self.preprocess is not None else images
+
+
 def score_pairs(
     teacher,
     pairs: pl.DataFrame,
@@ -43,21 +62,27 @@ def score_pairs(
     *,
     batch_size: int = 64,
     images_per_step: int = 16,
+    num_workers: int = 0,
     bar: tqdm | None = None,
 ) -> pl.DataFrame:
     """``pairs`` (image_id, caption_id) with the teacher's ``score`` and ``prob`` added.
 
     Pairs are grouped by image so that each image is encoded once; ``image_path[i]`` is image
-    i's file and ``text[c]`` caption c's text (any indexable: dict, list, Series).
+    i's file and ``text[c]`` caption c's text (any indexable: dict, list, Series). With
+    ``num_workers`` > 0, worker processes decode and preprocess the next steps' images while the
+    teacher runs (a DataLoader, two steps prefetched per worker).
     """
     groups = pairs.group_by("image_id", maintain_order=True).agg("caption_id")
+    steps = [
+        groups.slice(start, images_per_step) for start in range(0, groups.height, images_per_step)
+    ]
+    loader = torch.utils.data.DataLoader(
+        _Steps([st["image_id"].to_list() for st in steps], image_path, _preprocessor(teacher)),
+        batch_size=None,  # one item is one step
+        num_workers=num_workers,
+    )
     out = []
-    for start in range(0, groups.height, images_per_step):
-        step = groups.slice(start, images_per_step)
-        images = []
-        for image_id in step["image_id"]:
-            with Image.open(image_path[image_id]) as img:
-                images.append(img.convert("RGB"))
+    for step, images in zip(steps, loader, strict=True):
         captions = [[text[c] for c in ids] for ids in step["caption_id"]]
         result = teacher.score_grouped(images, captions, batch_size=batch_size)
         out.append(
@@ -72,4 +97,15 @@ def score_pairs(
         )
         if bar is not None:
             bar.update(sum(len(c) for c in captions))
-    return pl.concat(out)
+    return (
+        pl.concat(out)
+        if out
+        else pairs.with_columns(
+            score=pl.lit(None, pl.Float32), prob=pl.lit(None, pl.Float32)
+        ).clear()
+    )
+
+
+def _preprocessor(teacher):
+    """The teacher's image preprocessing, for the workers (None: it takes PIL images itself)."""
+    return getattr(teacher, "preprocess", None)

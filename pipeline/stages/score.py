@@ -41,6 +41,8 @@ class ScoreConfig:
     world_size: int | None = None  # number of workers (None: torchrun / Slurm env, else 1)
     batch_size: int = 64  # caption batch size of the text encoder
     images_per_step: int = 16  # images (with all their captions) handed to the teacher at once
+    num_workers: int | None = None  # processes decoding and preprocessing images ahead of the
+    # teacher; None: 4 on CUDA, 0 on CPU (where they would take the model's cores)
     data: Path | None = None  # dataset dir (None: the path recorded in the candidates manifest)
     device: str | None = None  # None: CUDA when present, else CPU
     precision: str | None = None  # fp32 | amp_bf16 | amp | bf16 | fp16; None: amp_bf16 on CUDA
@@ -113,6 +115,8 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
         raise ValueError(f"--shards must be >= 1, got {cfg.shards}")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     if cfg.shard_ids is not None and max(cfg.shard_ids) >= cfg.shards:
         # An existing cache must have cfg.shards shards too (open_cache refuses another count).
         raise ValueError(
@@ -125,6 +129,9 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
     pairs = wanted.pairs
     # one GPU per worker when launched as several processes (torchrun, srun): cuda:LOCAL_RANK
     teacher = loaded_teacher or load_teacher(cfg.teacher, device=worker_device(cfg.device))
+    workers = cfg.num_workers
+    if workers is None:
+        workers = 4 if teacher.device.type == "cuda" else 0
     key, fields = cache.cache_key(ds.fingerprint, teacher.identity)
     path = cache.open_cache(cfg.cache_dir, fields, key, cfg.shards, teacher.identity)
     num_shards = cache.read_key(path)["num_shards"]
@@ -179,6 +186,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
                     ds.captions["caption"],
                     batch_size=cfg.batch_size,
                     images_per_step=cfg.images_per_step,
+                    num_workers=workers,
                     bar=bar,
                 )
             parts = [p for p in (have, new) if p is not None]
@@ -197,6 +205,7 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
         "rank": rank,
         "world_size": world,
         "pairs_total": pairs.height,
+        "num_workers": workers,
         "pairs_candidates": wanted.candidate_pairs.height,
         "pairs_scored": scored,
         "pairs_missing": missing.height,
