@@ -116,16 +116,8 @@ def test_encode_and_mine_need_a_student(demo_dataset_master, tmp_path):
     """encode, mine-candidates and evaluate refuse to run without --student (no silent tiny)."""
     for args in (
         ["encode", "--data", demo_dataset_master, "--out", tmp_path / "g"],
-        [
-            "mine-candidates",
-            "--student",
-            "tiny",
-            "--data",
-            demo_dataset_master,
-            "--out",
-            tmp_path / "c",
-        ],
-        ["evaluate", "--student", "tiny", "--data", demo_dataset_master],
+        ["mine-candidates", "--data", demo_dataset_master, "--out", tmp_path / "c"],
+        ["evaluate", "--data", demo_dataset_master],
     ):
         assert_error(run(*args), "Missing option", "--student")
     help_text = "".join(run("evaluate", "-h").output.split())  # wrapping may split a word
