@@ -365,7 +365,10 @@ def _run_facts(student_dir: Path) -> dict:
 
 
 def _done(student_dir: Path) -> bool:
-    return (student_dir / "student.json").is_file()
+    """A student that trained all its epochs (a killed run is trained again)."""
+    from student.checkpoint import finished
+
+    return finished(student_dir)
 
 
 def _best_val(student_dir: Path) -> float | None:

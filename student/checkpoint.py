@@ -73,3 +73,19 @@ def save_last(cfg: StudentTrainConfig, model, optimizer, state: dict) -> None:
     }
     with atomic.atomic_path(Path(cfg.out) / LAST) as tmp:
         torch.save(ckpt, tmp)
+
+
+def finished(out: str | Path) -> bool:
+    """True when ``out`` holds a train-student run that trained all its epochs (the best model
+    in ``student.json`` is written from the first epoch on, so its presence alone says nothing:
+    a killed run leaves one too)."""
+    out = Path(out)
+    if not (out / "student.json").is_file() or not (out / CONFIG).is_file():
+        return False
+    epochs = json.loads((out / CONFIG).read_text()).get("epochs")
+    vals = [
+        json.loads(line).get("epoch")
+        for line in (out / METRICS).read_text().splitlines()
+        if '"event": "val"' in line
+    ]
+    return bool(vals) and vals[-1] == epochs

@@ -465,3 +465,14 @@ def test_batching_order_miner_follows_the_candidates(
     summary = train_student(cfg, progress=False)
     assert summary["batching_order"] == "miner" and summary["lookup"]["source"] == "teacher"
     assert summary["negatives_per_query"]["t2i"]["min_share"] == 1.0
+
+
+def test_finished_only_after_every_epoch(config, tmp_path):
+    """A run stopped after its first epoch already has student.json, but is not finished."""
+    from student.checkpoint import finished
+
+    cut = config(tmp_path / "a", loss="none", batching="random", epochs=2, stop_after=1)
+    train_student(cut, progress=False)
+    assert (tmp_path / "a" / "student.json").is_file() and not finished(tmp_path / "a")
+    train_student(dataclasses.replace(cut, stop_after=None, resume=True), progress=False)
+    assert finished(tmp_path / "a") and not finished(tmp_path / "missing")

@@ -387,7 +387,10 @@ def _shipped_teacher() -> Path | None:
 
 
 def _done(student_dir: Path) -> bool:
-    return (student_dir / "student.json").is_file()
+    """A student that trained all its epochs (a killed run is trained again)."""
+    from student.checkpoint import finished
+
+    return finished(student_dir)
 
 
 def _same_data(data: Path, cfg: DemoConfig, p: DemoProfile) -> bool:
