@@ -89,3 +89,16 @@ def val_curve(student_dir: Path) -> list[float]:
     return [
         round(rec["val"]["rsum"], 1) for rec in map(json.loads, lines) if rec.get("event") == "val"
     ]
+
+
+def strongest_control(
+    val: dict[str, list[float | None]], candidates: tuple[str, ...]
+) -> str | None:
+    """The teacher-free row with the best mean val RSUM: the control every other row is paired
+    with is tuned as hard as the method, and chosen on val only (never on test)."""
+    means = {
+        n: statistics.fmean([v for v in val[n] if v is not None])
+        for n in candidates
+        if any(v is not None for v in val.get(n, []))
+    }
+    return max(means, key=means.get) if means else None

@@ -7,8 +7,8 @@ student settings (equal optimizer steps; every hard row receives each query's ca
 evaluates each on ``test`` on both label sets (``rsum``: the dataset's labels; ``rsum_full``: any
 truly matching item counts) with its ranking agreement (Kendall tau with the teacher over the
 test split's scored candidates), and writes ``benchmarks/results/method.md``: mean and spread per
-row, and each row's seed-by-seed difference from the teacher-free control ``itc-hard`` (hard
-batches in the miner's order, ground-truth labels). The teacher rows come from the demo:
+row, and each row's seed-by-seed difference from the control, the teacher-free row (``itc`` or
+``itc-hard``, hard batches in the miner's order; ground-truth labels only) best on val. The teacher rows come from the demo:
 ``teacher-full`` ranks every test pair, ``teacher-rerank`` re-ranks the ITC student's top-k.
 
 Every student lands in ``OUT/method/ROW/seedS`` and is reused on a re-run, so an interrupted
@@ -29,9 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import METRICS, RESULTS, paired, summarise, val_curve, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    METRICS,
+    RESULTS,
+    paired,
+    strongest_control,
+    summarise,
+    val_curve,
+    write_result,
+)
 
-CONTROL = "itc-hard"
+TEACHER_FREE = ("itc", "itc-hard")  # the control is whichever of these is best on val
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name} seed {seed}: rsum {res['metrics']['rsum']:.1f}", file=sys.stderr)
 
     rows = []
-    diffs = {k: paired(runs, CONTROL, k) for k in ("rsum", "rsum_full")}
+    control = strongest_control(
+        {n: [x.get("val_rsum") for x in r] for n, r in runs.items()}, TEACHER_FREE
+    )
+    diffs = {k: paired(runs, control, k) if control else {} for k in ("rsum", "rsum_full")}
     for n, r in runs.items():
         row = {**summarise(n, r), **facts.get(n, {})}
         for k in ("rsum_full", "tau", "val_rsum"):
@@ -121,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         "student_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "cache": str(cache),
         "mined_false_negatives": demo.get("mined_false_negatives"),
+        "control": control,
         "merged_from": merged_from,
     }
     path = write_result(
@@ -167,8 +179,8 @@ def _diff(d: dict | None) -> str:
 
 def _markdown(result: dict) -> str:
     head = (
-        "| row | n | steps | " + " | ".join(METRICS) + " | rsum_full | vs itc-hard (rsum) "
-        "| vs itc-hard (rsum_full) | Kendall tau | val RSUM |"
+        "| row | n | steps | " + " | ".join(METRICS) + f" | rsum_full | vs {result['control']} "
+        f"(rsum) | vs {result['control']} (rsum_full) | Kendall tau | val RSUM |"
     )
     lines = [head, "|" + "---|" * (len(METRICS) + 8)]
     for r in result["rows"]:
@@ -187,8 +199,9 @@ def _markdown(result: dict) -> str:
         f"Profile `{result['profile']}` of `cprd demo` (generator version 3), {result['seeds']} "
         "seed(s) per row, test split; mean ± standard deviation over seeds. `rsum` counts the "
         "dataset's labels, `rsum_full` any truly matching item (the generator's full relation). "
-        "`vs itc-hard`: seed-by-seed difference from the teacher-free control (hard batches in "
-        "the miner's order, ground-truth labels), mean ± sd. Kendall tau: the student's order "
+        f"`vs {result['control']}`: seed-by-seed difference from the control, the teacher-free "
+        "row (`itc`: random batches; `itc-hard`: hard batches in the miner's order) best on "
+        "val, mean ± sd. Kendall tau: the student's order "
         "of each test query's teacher-scored candidates against the teacher's. Every student row "
         "takes the same optimizer steps; every hard row receives each query's cached negatives. "
         f"Mined negatives that truly match: {fn.get('all')}."

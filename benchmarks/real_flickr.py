@@ -15,7 +15,8 @@ run continues where it stopped:
    scratch), one row per entry of LOSSES, ``--seeds`` seeds each, at equal optimizer steps
    (random batches get 1 + NEIGHBOURS times the epochs); each keeps its best epoch on val ->
    OUT/students/ROW (seed 0) and OUT/students/ROW-seedS. Every row is paired seed by seed with the
-   teacher-free control ``itc-hard`` (hard batches in the miner's order, ground-truth labels);
+   control: the teacher-free row best on val (``none``, random batches, or ``itc-hard``, hard
+   batches in the miner's order; both with ground-truth labels only);
 7. evaluate everything on test (with the ranking agreement), plus the teacher re-ranking the
    dual encoder's top-K.
 
@@ -39,7 +40,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import METRICS, paired, summarise, val_curve, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    METRICS,
+    paired,
+    strongest_control,
+    summarise,
+    val_curve,
+    write_result,
+)
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-3k"
 DUAL = "effnet-minilm"
@@ -56,7 +64,7 @@ LOSSES: dict[str, dict] = {
     "listmle": {"loss": "listmle"},
     "margin-mse": {"loss": "margin-mse"},
 }
-CONTROL = "itc-hard"
+TEACHER_FREE = ("none", "itc-hard")  # the control is whichever of these is best on val
 NEIGHBOURS = 1  # hard batching: neighbour pairs per seed (an epoch is 1 + NEIGHBOURS times longer)
 
 
@@ -277,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [_summary(n, r, val.get(n)) for n, r in runs.items()]
     by = {r["name"]: r for r in rows}
-    diff = paired(runs, CONTROL)
+    control = strongest_control(val, TEACHER_FREE)
+    diff = paired(runs, control) if control else {}
     for r in rows:
         r.update(extra.get(r["name"], {}))
         r["vs_control"] = diff.get(r["name"])
@@ -294,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": stages,
         "total_seconds": round(sum(s["seconds"] for s in stages), 1),
         "teacher_cache": {k: score[k] for k in ("cache_path", "pairs_total", "pairs_scored")},
+        "control": control,
         "out": str(out),
     }
     body = _markdown(result)
@@ -408,7 +418,9 @@ def _diff(d: dict | None) -> str:
 
 def _markdown(result: dict) -> str:
     head = (
-        "| row | n | steps | " + " | ".join(METRICS) + f" | vs {CONTROL} (paired) | Kendall tau "
+        "| row | n | steps | "
+        + " | ".join(METRICS)
+        + f" | vs {result['control']} (paired) | Kendall tau "
         "| val RSUM | gap closed |"
     )
     lines = [head, "|" + "---|" * (len(METRICS) + 7)]
