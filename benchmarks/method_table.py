@@ -8,8 +8,9 @@ evaluates each on ``test`` on both label sets (``rsum``: the dataset's labels; `
 truly matching item counts) with its ranking agreement (Kendall tau with the teacher over the
 test split's scored candidates), and writes ``benchmarks/results/method.md``: mean and spread per
 row, and each row's seed-by-seed difference from the control, the teacher-free row (``itc`` or
-``itc-hard``, hard batches in the miner's order; ground-truth labels only) best on val. The teacher rows come from the demo:
-``teacher-full`` ranks every test pair, ``teacher-rerank`` re-ranks the ITC student's top-k.
+``itc-hard``, hard batches in the miner's order; ground-truth labels only) best on val. The
+teacher rows come from the demo: ``teacher-full`` ranks every test pair, ``teacher-rerank``
+re-ranks the ITC student's top-k.
 
 Every student lands in ``OUT/method/ROW/seedS`` and is reused on a re-run, so an interrupted
 run continues where it stopped. Last line of stdout with ``--json``: one JSON object.
