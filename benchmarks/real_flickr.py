@@ -63,6 +63,9 @@ LOSSES: dict[str, dict] = {
     "kl": {"loss": "kl"},
     "listmle": {"loss": "listmle"},
     "margin-mse": {"loss": "margin-mse"},
+    # random batches: each query's cached negatives still delivered (hard batches cost ITC here)
+    "cprd-random": {"loss": "cprd", "batching": "random"},
+    "kl-random": {"loss": "kl", "batching": "random"},
 }
 TEACHER_FREE = ("none", "itc-hard")  # the control is whichever of these is best on val
 NEIGHBOURS = 1  # hard batching: neighbour pairs per seed (an epoch is 1 + NEIGHBOURS times longer)
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         epochs = p.student_epochs
         if kw.get("batching") == "random":
             epochs *= 1 + NEIGHBOURS  # equal optimizer steps: a hard epoch is that much longer
-        else:
+        if kw.get("batching") != "random" or kw["loss"] != "none":
             kw.update(teacher_scores=cache, candidates=cand)
         for seed in range(seeds):
             where = students / (name if seed == 0 else f"{name}-seed{seed}")
