@@ -190,68 +190,45 @@ def run_demo(cfg: DemoConfig) -> dict:
         _done(students / "itc"),
         lambda: train_row(cfg, p, "itc", students / "itc", None, None),
     )
+
+    def mine_and_score(split: str, cand: Path, suffix: str) -> dict:
+        """Mine ``split`` with the ITC student into ``cand`` and score it into the one cache
+        (always run: with everything cached it scores nothing, and the report shows that)."""
+        stages.run(
+            "mine-candidates" + suffix,
+            (cand / CANDIDATES_JSON).is_file(),
+            lambda: mine_candidates(
+                MineConfig(
+                    data=data,
+                    student=str(students / "itc"),
+                    out=cand,
+                    split=split,
+                    k=p.k,
+                    seed=cfg.seed,
+                    device=cfg.device,
+                    overwrite=True,
+                )
+            ),
+        )
+        return stages.run(
+            "score-teacher" + suffix,
+            False,
+            lambda: score_teacher(
+                ScoreConfig(
+                    candidates=cand,
+                    teacher=str(teacher),
+                    cache_dir=out / "cache",
+                    shards=p.shards,
+                    device=cfg.device,
+                )
+            ),
+        )
+
     cand = out / "candidates"
-    stages.run(
-        "mine-candidates",
-        (cand / CANDIDATES_JSON).is_file(),
-        lambda: mine_candidates(
-            MineConfig(
-                data=data,
-                student=str(students / "itc"),
-                out=cand,
-                k=p.k,
-                seed=cfg.seed,
-                device=cfg.device,
-                overwrite=True,
-            )
-        ),
-    )
-    # Always run: with everything cached it scores nothing, and the report shows that.
-    score = stages.run(
-        "score-teacher",
-        False,
-        lambda: score_teacher(
-            ScoreConfig(
-                candidates=cand,
-                teacher=str(teacher),
-                cache_dir=out / "cache",
-                shards=p.shards,
-                device=cfg.device,
-            )
-        ),
-    )
+    score = mine_and_score("train", cand, "")
     cache_path = Path(score["cache_path"])
     # The test split's candidates, scored into the same cache: what the ranking agreement reads.
-    test_cand = out / "candidates-test"
-    stages.run(
-        "mine-candidates test",
-        (test_cand / CANDIDATES_JSON).is_file(),
-        lambda: mine_candidates(
-            MineConfig(
-                data=data,
-                student=str(students / "itc"),
-                out=test_cand,
-                split="test",
-                k=p.k,
-                seed=cfg.seed,
-                device=cfg.device,
-                overwrite=True,
-            )
-        ),
-    )
-    stages.run(
-        "score-teacher test",
-        False,
-        lambda: score_teacher(
-            ScoreConfig(
-                candidates=test_cand,
-                teacher=str(teacher),
-                cache_dir=out / "cache",
-                shards=p.shards,
-                device=cfg.device,
-            )
-        ),
-    )
+    mine_and_score("test", out / "candidates-test", " test")
     for name in DEMO_ROWS[1:]:
         stages.run(
             f"student-{name}",
