@@ -161,62 +161,45 @@ def main(argv: list[str] | None = None) -> dict:
             )
         ),
     )
+
+    def mine_and_score(split: str, cand: Path, suffix: str) -> dict:
+        """Mine ``split`` with the dual encoder into ``cand``, score it into the one cache
+        (always: with everything cached it scores nothing)."""
+        stage(
+            "mine-candidates" + suffix,
+            (cand / "candidates.json").is_file(),
+            lambda: mine_candidates(
+                MineConfig(
+                    data=data,
+                    student=str(dual),
+                    out=cand,
+                    split=split,
+                    k=p.k,
+                    device=args.device,
+                    overwrite=True,
+                )
+            ),
+        )
+        return stage(
+            "score-teacher" + suffix,
+            False,
+            lambda: score_teacher(
+                ScoreConfig(
+                    candidates=cand,
+                    teacher=str(teacher),
+                    cache_dir=out / "cache",
+                    shards=16,
+                    device=args.device,
+                )
+            ),
+            no_op=lambda result: result["pairs_scored"] == 0,
+        )
+
     cand = out / "candidates"
-    stage(
-        "mine-candidates",
-        (cand / "candidates.json").is_file(),
-        lambda: mine_candidates(
-            MineConfig(
-                data=data, student=str(dual), out=cand, k=p.k, device=args.device, overwrite=True
-            )
-        ),
-    )
-    score = stage(
-        "score-teacher",
-        False,  # always: with everything cached it scores nothing
-        lambda: score_teacher(
-            ScoreConfig(
-                candidates=cand,
-                teacher=str(teacher),
-                cache_dir=out / "cache",
-                shards=16,
-                device=args.device,
-            )
-        ),
-        no_op=lambda result: result["pairs_scored"] == 0,
-    )
+    score = mine_and_score("train", cand, "")
     cache = Path(score["cache_path"])
     # The test split's candidates, scored into the same cache: the ranking agreement's input.
-    test_cand = out / "candidates-test"
-    stage(
-        "mine-candidates test",
-        (test_cand / "candidates.json").is_file(),
-        lambda: mine_candidates(
-            MineConfig(
-                data=data,
-                student=str(dual),
-                out=test_cand,
-                split="test",
-                k=p.k,
-                device=args.device,
-                overwrite=True,
-            )
-        ),
-    )
-    stage(
-        "score-teacher test",
-        False,
-        lambda: score_teacher(
-            ScoreConfig(
-                candidates=test_cand,
-                teacher=str(teacher),
-                cache_dir=out / "cache",
-                shards=16,
-                device=args.device,
-            )
-        ),
-        no_op=lambda result: result["pairs_scored"] == 0,
-    )
+    mine_and_score("test", out / "candidates-test", " test")
 
     runs: dict[str, list[dict]] = {}
     val: dict[str, list[float]] = {}
