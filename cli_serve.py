@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli_common import CONTEXT, _emit, json_option, precision_option
+from cli_common import CONTEXT, _emit, device_option, json_option, precision_option
 
 # Every form of model spec student/models.py accepts (cli.py uses it too).
 STUDENT_HELP = (
@@ -42,7 +42,7 @@ def _student_option(required: bool):
 )
 @click.option("--batch-size", default=64, show_default=True, help="Encoding batch size.")
 @click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
-@click.option("--device", default=None, help="torch device [default: cuda if present].")
+@device_option
 @precision_option
 @click.option(
     "--overwrite",
@@ -100,7 +100,7 @@ def encode_cmd(
     help="Model spec to encode the query [default: the one the gallery recorded]; its weights "
     "must equal the recorded ones.",
 )
-@click.option("--device", default=None, help="torch device [default: cuda if present].")
+@device_option
 @json_option
 def search_cmd(gallery, query, k, student, device, as_json):
     """Print the top-k images of a gallery (from `cprd encode`) for each text QUERY.
