@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.torchkit.encode import autocast
+
 MODALITIES = ("image", "caption")
 
 
@@ -66,3 +68,74 @@ class NegativeBank:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
             self.write(modality, chunk, encode(chunk).float(), step)
+
+
+# ---- how train-student uses the bank ----------------------------------------------------
+
+
+def make_bank(model, loaded, ds, cfg, live: dict, device):
+    """The negative bank for the modalities whose extras are not encoded live (None if none)."""
+    if cfg.negatives != "bank" or all(live.values()):
+        return None
+    sizes = {"image": ds.images.height, "caption": ds.captions.height}
+    return NegativeBank(sizes, int(loaded.model_cfg["embed_dim"]), device)
+
+
+@torch.no_grad()
+def refresh_bank(bank, model, pixels, caption_inputs, planner, live, device, step: int) -> None:
+    """Re-encode every training image and caption the bank serves (eval mode: no dropout, no
+    batch-norm statistics moved), so its rows are at most one refresh interval stale."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device):
+            if not live["image"]:
+                bank.refresh(
+                    "image",
+                    planner.images,
+                    lambda ids: model.encode_image(
+                        torch.stack([pixels[i] for i in ids.tolist()]).to(device), normalize=True
+                    ),
+                    planner.batch_size,
+                    step,
+                )
+            if not live["caption"]:
+                bank.refresh(
+                    "caption",
+                    planner.train_captions,
+                    lambda ids: model.encode_text(caption_inputs(ids).to(device), normalize=True),
+                    4 * planner.batch_size,
+                    step,
+                )
+    finally:
+        model.train(was_training)
+
+
+def with_bank_extras(bank, batch, img, txt, live: dict, step: int, stale: list):
+    """(image pool, caption pool) embeddings: the step's encoded rows plus the extras read from
+    the bank (their staleness appended to ``stale``); the pairs' fresh rows go into the bank."""
+    parts = {"image": img, "caption": txt}
+    for m, pairs, extras in (
+        ("image", batch.images, batch.extra_images),
+        ("caption", batch.captions, batch.extra_captions),
+    ):
+        if live[m]:
+            continue
+        if len(extras):
+            rows, age = bank.read(m, extras, step)
+            parts[m] = torch.cat([parts[m], rows])
+            stale.append(age)
+        bank.write(m, pairs, parts[m][: len(pairs)], step)
+    return parts["image"], parts["caption"]
+
+
+def staleness(before: dict | None, ages: list[np.ndarray]) -> dict | None:
+    """{"mean", "max", "reads"} of the bank rows read, in steps since written, merged into
+    ``before``."""
+    n = sum(len(a) for a in ages)
+    total = float(sum(a.sum() for a in ages))
+    worst = max((int(a.max()) for a in ages if len(a)), default=0)
+    if before:
+        n, total = n + before["reads"], total + before["mean"] * before["reads"]
+        worst = max(worst, before["max"])
+    return {"mean": total / n, "max": worst, "reads": n} if n else before

@@ -44,7 +44,7 @@ from pipeline.torchkit.encode import (
     resolve_precision,
     with_precision,
 )
-from student.bank import NegativeBank
+from student.bank import make_bank, refresh_bank, staleness, with_bank_extras
 from student.batch_loss import Delivery, DistillSettings, pool_positive, step_loss
 from student.checkpoint import METRICS, save_last, start
 from student.distributed import (
@@ -87,44 +87,6 @@ def make_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.opt
     ]
     # foreach: one kernel per step for all tensors, twice as fast as the per-tensor loop on CPU.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)
-
-
-def _make_bank(model, loaded, ds: Dataset, cfg: StudentTrainConfig, live: dict, device):
-    """The negative bank for the modalities whose extras are not encoded live (None if none)."""
-    if cfg.negatives != "bank" or all(live.values()):
-        return None
-    sizes = {"image": ds.images.height, "caption": ds.captions.height}
-    return NegativeBank(sizes, int(loaded.model_cfg["embed_dim"]), device)
-
-
-@torch.no_grad()
-def _refresh_bank(bank, model, pixels, caption_inputs, planner, live, device, step: int) -> None:
-    """Re-encode every training image and caption the bank serves (eval mode: no dropout, no
-    batch-norm statistics moved), so its rows are at most one refresh interval stale."""
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(device):
-            if not live["image"]:
-                bank.refresh(
-                    "image",
-                    planner.images,
-                    lambda ids: model.encode_image(
-                        torch.stack([pixels[i] for i in ids.tolist()]).to(device), normalize=True
-                    ),
-                    planner.batch_size,
-                    step,
-                )
-            if not live["caption"]:
-                bank.refresh(
-                    "caption",
-                    planner.train_captions,
-                    lambda ids: model.encode_text(caption_inputs(ids).to(device), normalize=True),
-                    4 * planner.batch_size,
-                    step,
-                )
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -233,7 +195,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
         # A modality's extras are encoded in the step when asked (explicit) or when its tower is
         # frozen (only the heads run: cheap and exact); otherwise they come from the bank.
         live = {m: negatives != "bank" or frozen[m] for m in ("image", "caption")}
-        bank = _make_bank(model, loaded, ds, cfg, live, env.device)
+        bank = make_bank(model, loaded, ds, cfg, live, env.device)
         workers = cfg.num_workers if isinstance(pixels, ImageFiles) else 0
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         t_start = time.time()
@@ -272,7 +234,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                 if bank is not None and (
                     batch is batches[0] or (every and state["step"] % every == 0)
                 ):
-                    _refresh_bank(
+                    refresh_bank(
                         bank,
                         model,
                         pixels,
@@ -291,7 +253,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                 img = gather_rows(img.float(), len(img_ids), env)  # (B or Pi, D)
                 txt = gather_rows(txt.float(), len(cap_ids), env)  # (B or Pc, D)
                 if bank is not None:  # extras not encoded live: read them (no gradient)
-                    img, txt = _with_bank_extras(bank, batch, img, txt, live, state["step"], stale)
+                    img, txt = with_bank_extras(bank, batch, img, txt, live, state["step"], stale)
                 sim = img @ txt.t()  # (Pi, Pc)
 
                 # loss: ITC over the pairs (and the extras: --itc-negatives pool) + λ *
@@ -341,7 +303,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
             bar.close()
             state["epoch"] = epoch + 1
             state["delivery"] = Delivery(state["delivery"]).merged(delivery).state
-            state["staleness"] = _staleness(state["staleness"], stale)
+            state["staleness"] = staleness(state["staleness"], stale)
             state["train_seconds"] += time.time() - t_start
             t_start = time.time()
             got = delivery.summary()
@@ -356,7 +318,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                     got["t2i"]["used"],
                     got["t2i"]["available"],
                     got["i2t"]["no_positive"],
-                    f"; bank staleness {_staleness(None, stale)}" if stale else "",
+                    f"; bank staleness {staleness(None, stale)}" if stale else "",
                 )
 
             # eval and checkpoint (rank 0): the best epoch by val RSUM becomes the model in out
@@ -374,7 +336,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                             "val": val,
                             "train": {k: v / len(batches) for k, v in sums.items()},
                             "negatives_per_query": got,
-                            "bank_staleness": _staleness(None, stale),
+                            "bank_staleness": staleness(None, stale),
                         },
                     )
                     if val["rsum"] > state["best"]["rsum"]:
@@ -408,36 +370,6 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
     finally:
         tracking.close(cfg.out)
         close_distributed(env)
-
-
-def _with_bank_extras(bank, batch, img, txt, live: dict, step: int, stale: list):
-    """(image pool, caption pool) embeddings: the step's encoded rows plus the extras read from
-    the bank (their staleness appended to ``stale``); the pairs' fresh rows go into the bank."""
-    parts = {"image": img, "caption": txt}
-    for m, pairs, extras in (
-        ("image", batch.images, batch.extra_images),
-        ("caption", batch.captions, batch.extra_captions),
-    ):
-        if live[m]:
-            continue
-        if len(extras):
-            rows, age = bank.read(m, extras, step)
-            parts[m] = torch.cat([parts[m], rows])
-            stale.append(age)
-        bank.write(m, pairs, parts[m][: len(pairs)], step)
-    return parts["image"], parts["caption"]
-
-
-def _staleness(before: dict | None, ages: list[np.ndarray]) -> dict | None:
-    """{"mean", "max", "reads"} of the bank rows read, in steps since written, merged into
-    ``before``."""
-    n = sum(len(a) for a in ages)
-    total = float(sum(a.sum() for a in ages))
-    worst = max((int(a.max()) for a in ages if len(a)), default=0)
-    if before:
-        n, total = n + before["reads"], total + before["mean"] * before["reads"]
-        worst = max(worst, before["max"])
-    return {"mean": total / n, "max": worst, "reads": n} if n else before
 
 
 def _record(out: Path, state: dict, record: dict) -> None:
