@@ -1,8 +1,10 @@
 """Each training query's cached hard negatives, by teacher score, as compact CSR arrays.
 
-Built once from a teacher cache (``pipeline.core.cache.load_scores``: one score per unique (image,
-caption) pair) or, for a control run without a teacher, from a candidates dir (the miner's cosine
-as the score, no probability). A query's cached candidates are every cached pair that contains
+Built once from a teacher cache (one score per unique (image, caption) pair), streamed shard by
+shard (``pipeline.core.cache.iter_scores``) into per-query top-k accumulators
+(``student.topk_stream``), so neither the pairs nor a sort of them is ever held whole; or, for a
+control run without a teacher, from a candidates dir (the miner's cosine as the score, no
+probability). A query's cached candidates are every cached pair that contains
 it: for an image, all pairs with that image_id; for a caption, all pairs with that caption_id.
 Both ends must lie in the training split. Its *hard negatives* are the non-positive ones (an
 image's captions of other images; a caption's other images), sorted by score, highest first
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from student.topk_stream import TopKStream
 
 PAIR_COLUMNS = ("image_id", "caption_id", "score", "prob")
 
@@ -88,29 +92,71 @@ class TeacherLookup:
         return out
 
 
-def _csr(rows: pl.LazyFrame, query: str, cand: str, n: int, k: int) -> NegativeLists:
-    """Group rows by ``query`` into lists of ``cand`` by score desc (ties: id asc), capped at k."""
-    # Cheap cut first (a rank per query needs no global order): every row tied with the k-th
-    # best score survives, so the exact cap below still sees the right ones. Then one sort of
-    # the few survivors; polars does both on all cores.
-    top = (
-        rows.select(pl.col(query).alias("q"), pl.col(cand).alias("c"), "score", "prob")
-        .filter(pl.col("score").rank("min", descending=True).over("q") <= k)
-        .sort(["q", "score", "c"], descending=[False, True, False])
-        .collect()
-    )
-    q = top["q"].to_numpy()
-    counts = np.bincount(q, minlength=n)  # (n,)
-    rank = np.arange(len(q)) - (np.cumsum(counts) - counts)[q]  # (E,) position in its list
-    keep = rank < k
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.minimum(counts, k), out=offsets[1:])
-    return NegativeLists(
-        offsets=offsets,
-        cand=top["c"].to_numpy()[keep].astype(np.int64, copy=False),
-        score=top["score"].to_numpy()[keep].astype(np.float32, copy=False),
-        prob=top["prob"].to_numpy()[keep].astype(np.float32, copy=False),
-    )
+class LookupBuilder:
+    """Builds a ``TeacherLookup`` from pair rows given in chunks of any size and order.
+
+    Each chunk is checked (ids inside the dataset), cut to train pairs, and streamed into two
+    ``TopKStream``s (image -> captions, caption -> images): memory stays bounded by the kept
+    lists, whatever the number of pairs (see ``student.topk_stream``).
+    """
+
+    def __init__(
+        self,
+        caption_owner: np.ndarray,
+        train_image_ids: np.ndarray,
+        num_images: int,
+        hard_k: int,
+        source: str = "teacher",
+    ):
+        if hard_k < 1:
+            raise ValueError(f"--hard-k must be >= 1, got {hard_k}")
+        self.owner = np.asarray(caption_owner, dtype=np.int64)  # (M,)
+        self.num_images, self.hard_k, self.source = num_images, hard_k, source
+        self.train = np.zeros(num_images, dtype=bool)  # (N,)
+        self.train[np.asarray(train_image_ids, dtype=np.int64)] = True
+        self.pos_score = np.full(len(self.owner), np.nan, dtype=np.float32)  # (M,)
+        self.pos_prob = np.full(len(self.owner), np.nan, dtype=np.float32)
+        self.i2t = TopKStream(num_images, hard_k)
+        self.t2i = TopKStream(len(self.owner), hard_k)
+
+    def add(self, image_id, caption_id, score, prob) -> None:
+        """One chunk of pairs: (P,) image ids, caption ids, float32 scores and probabilities."""
+        image_id = np.asarray(image_id, dtype=np.int64)
+        caption_id = np.asarray(caption_id, dtype=np.int64)
+        if len(image_id) and not (
+            0 <= image_id.min() <= image_id.max() < self.num_images
+            and 0 <= caption_id.min() <= caption_id.max() < len(self.owner)
+        ):
+            raise ValueError(
+                "cached pairs name image or caption ids outside the dataset; the cache or "
+                "candidates were made for another dataset"
+            )
+        owner = self.owner[caption_id]  # (P,)
+        keep = self.train[image_id] & self.train[owner]
+        positive = keep & (owner == image_id)
+        pos_caps = caption_id[positive]
+        self.pos_score[pos_caps] = np.asarray(score, dtype=np.float32)[positive]
+        self.pos_prob[pos_caps] = np.asarray(prob, dtype=np.float32)[positive]
+        keep &= ~positive
+        img, cap = image_id[keep], caption_id[keep]
+        score = np.asarray(score, dtype=np.float32)[keep]
+        prob = np.asarray(prob, dtype=np.float32)[keep]
+        self.i2t.add(img, cap, score, prob)
+        self.t2i.add(cap, img, score, prob)
+
+    def finish(self) -> TeacherLookup:
+        lists = {}
+        for name, stream in (("i2t", self.i2t), ("t2i", self.t2i)):
+            offsets, cand, score, prob = stream.finish()
+            lists[name] = NegativeLists(offsets=offsets, cand=cand, score=score, prob=prob)
+        return TeacherLookup(
+            **lists,
+            pos_score=self.pos_score,
+            pos_prob=self.pos_prob,
+            caption_owner=self.owner,
+            hard_k=self.hard_k,
+            source=self.source,
+        )
 
 
 def build_lookup(
@@ -125,48 +171,9 @@ def build_lookup(
 
     ``caption_owner`` (M,) is every caption's image id (the dataset's caption table in id order).
     """
-    if hard_k < 1:
-        raise ValueError(f"--hard-k must be >= 1, got {hard_k}")
-    caption_owner = np.asarray(caption_owner, dtype=np.int64)
-    num_captions = len(caption_owner)
-    if pairs.height and not (
-        0 <= pairs["image_id"].min() <= pairs["image_id"].max() < num_images
-        and 0 <= pairs["caption_id"].min() <= pairs["caption_id"].max() < num_captions
-    ):
-        raise ValueError(
-            "cached pairs name image or caption ids outside the dataset; the cache or "
-            "candidates were made for another dataset"
-        )
-    train = np.zeros(num_images, dtype=bool)
-    train[np.asarray(train_image_ids, dtype=np.int64)] = True
-    train_s, owner_s = pl.Series(train), pl.Series(caption_owner)
-    rows = (
-        pairs.lazy()
-        .select(
-            pl.col("image_id").cast(pl.Int64),
-            pl.col("caption_id").cast(pl.Int64),
-            pl.col("score").cast(pl.Float32),
-            pl.col("prob").cast(pl.Float32),
-            pl.lit(owner_s).gather(pl.col("caption_id")).alias("owner"),
-        )
-        .filter(pl.lit(train_s).gather(pl.col("image_id")) & pl.lit(train_s).gather("owner"))
-        .collect()
-    )
-    pos = rows.filter(pl.col("owner") == pl.col("image_id"))
-    pos_score = np.full(num_captions, np.nan, dtype=np.float32)
-    pos_prob = np.full(num_captions, np.nan, dtype=np.float32)
-    pos_score[pos["caption_id"].to_numpy()] = pos["score"].to_numpy()
-    pos_prob[pos["caption_id"].to_numpy()] = pos["prob"].to_numpy()
-    neg = rows.lazy().filter(pl.col("owner") != pl.col("image_id"))
-    return TeacherLookup(
-        i2t=_csr(neg, "image_id", "caption_id", num_images, hard_k),
-        t2i=_csr(neg, "caption_id", "image_id", num_captions, hard_k),
-        pos_score=pos_score,
-        pos_prob=pos_prob,
-        caption_owner=caption_owner,
-        hard_k=hard_k,
-        source=source,
-    )
+    builder = LookupBuilder(caption_owner, train_image_ids, num_images, hard_k, source)
+    builder.add(*(pairs[c].to_numpy() for c in PAIR_COLUMNS))
+    return builder.finish()
 
 
 def load_lookup(
@@ -181,18 +188,22 @@ def load_lookup(
     ``dataset`` is a ``pipeline.core.dataset.Dataset``; the source must be made for its fingerprint
     (the cache/candidates readers raise a ValueError naming the file otherwise).
     """
-    from pipeline.core.cache import load_scores
+    from pipeline.core.cache import iter_scores
     from pipeline.core.cache_entry import resolve_entry
     from pipeline.core.candidates import candidate_pairs, load_candidates
 
     train_images, _ = dataset.split("train")
     owner = dataset.captions["image_id"].to_numpy()
+    train_ids = train_images["image_id"].to_numpy()
+    n = dataset.images.height
     if teacher_scores is not None:
         # a cache root is fine too: its entry for this dataset is picked (core/cache_entry.py)
         entry = resolve_entry(teacher_scores, dataset.fingerprint)
-        _, pairs = load_scores(entry, dataset.fingerprint)
-        source = "teacher"
-    elif candidates is not None:
+        builder = LookupBuilder(owner, train_ids, n, hard_k, "teacher")
+        for shard in iter_scores(entry, dataset.fingerprint, columns=list(PAIR_COLUMNS)):
+            builder.add(*(shard.column(c).to_numpy() for c in PAIR_COLUMNS))
+        return builder.finish()
+    if candidates is not None:
         manifest, table = load_candidates(Path(candidates))
         have = manifest.get("dataset", {}).get("fingerprint")
         if have != dataset.fingerprint:
@@ -206,14 +217,5 @@ def load_lookup(
         pairs = candidate_pairs(table, "score").with_columns(
             pl.lit(float("nan"), dtype=pl.Float32).alias("prob")
         )
-        source = "miner"
-    else:
-        raise ValueError("load_lookup needs teacher_scores or candidates")
-    return build_lookup(
-        pairs.select(PAIR_COLUMNS),
-        owner,
-        train_images["image_id"].to_numpy(),
-        dataset.images.height,
-        hard_k,
-        source,
-    )
+        return build_lookup(pairs, owner, train_ids, n, hard_k, "miner")
+    raise ValueError("load_lookup needs teacher_scores or candidates")

@@ -7,6 +7,7 @@ trainer, not a teacher.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -146,6 +147,24 @@ def test_lookup_matches_naive_construction(small_dataset, teacher_cache):
             assert (pos[0] == lk.pos_score[c]) if pos else np.isnan(lk.pos_score[c])
     assert np.isnan(lk.pos_score[0])  # the positive left out of the cache
     assert lk.i2t.counts().max() > 0 and lk.t2i.counts().max() > 0
+
+
+def test_cache_streams_one_shard_at_a_time(small_dataset, teacher_cache):
+    """iter_scores: one checked table per shard, only the asked columns, the lock let go after."""
+    ds = Dataset.load(small_dataset)
+    manifest, frame = cache.load_scores(teacher_cache, ds.fingerprint)
+    seen: dict = {}
+    stream = cache.iter_scores(teacher_cache, ds.fingerprint, ["caption_id", "score"], seen)
+    tables = list(stream)
+    assert seen == manifest and len(tables) == len(manifest["shards"])
+    assert all(t.column_names == ["caption_id", "score"] for t in tables)
+    got = pl.concat([pl.from_arrow(t) for t in tables]).sort("caption_id", "score")
+    assert got.equals(frame.select("caption_id", "score").sort("caption_id", "score"))
+    fd = os.open(teacher_cache / cache.ENTRY_LOCK, os.O_RDONLY)
+    try:  # exclusive, without waiting: no reader holds the entry any more
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
 
 
 def write_candidates_dir(ds: Dataset, out: Path, score: np.ndarray, fingerprint: str) -> Path:

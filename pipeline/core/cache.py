@@ -24,7 +24,9 @@ are not stored: they depend on each query's candidate list and are rebuilt from 
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -343,11 +345,20 @@ def list_caches(root: Path) -> list[dict]:
     return out
 
 
-def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.DataFrame]:
-    """(manifest, all pair scores) of a complete cache entry, every shard checked.
+def iter_scores(
+    path: Path,
+    fingerprint: str | None = None,
+    columns: list[str] | None = None,
+    manifest_out: dict | None = None,
+) -> Iterator[pa.Table]:
+    """Each shard of a complete cache entry as an Arrow table, one at a time, every one checked.
 
-    A missing, truncated or altered shard is an error naming it, never silently skipped;
-    ``fingerprint``, when given, must match the cache's dataset.
+    Streams: one shard's bytes are held at a time, read once for both the checksum and the
+    Parquet decode, and only ``columns`` (default: all of ``SHARD_SCHEMA``) are decoded. A
+    missing, truncated or altered shard is an error naming it, never silently skipped;
+    ``fingerprint``, when given, must match the cache's dataset. The entry's shared lock is held
+    until the iteration ends (or the generator is closed), so no shard is replaced meanwhile;
+    ``manifest_out``, when given, is updated with the manifest read under that lock.
     """
     path = Path(path)
     meta = read_key(path)
@@ -368,7 +379,8 @@ def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.Da
             )
         manifest = json.loads(mfile.read_text())
         check_version(manifest, path)
-        frames = []
+        if manifest_out is not None:
+            manifest_out.update(manifest)
         for name, entry in manifest["shards"].items():
             f = path / f"{name}.parquet"
             if not f.is_file():
@@ -376,10 +388,21 @@ def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.Da
                     f"teacher cache shard '{f}' is missing; re-score it with "
                     "`cprd score-teacher` on the same candidates"
                 )
-            if atomic.file_sha256(f) != entry["sha256"]:
+            data = f.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise ValueError(
                     f"teacher cache shard '{f}' is damaged (checksum mismatch); re-score "
                     "it with `cprd score-teacher` on the same candidates"
                 )
-            frames.append(pl.from_arrow(pq.read_table(f, schema=SHARD_SCHEMA)))
+            yield pq.read_table(pa.BufferReader(data), columns=columns, schema=SHARD_SCHEMA)
+
+
+def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.DataFrame]:
+    """(manifest, all pair scores) of a complete cache entry, every shard checked.
+
+    Holds every pair in memory: readers that reduce the scores (the student's teacher lookup)
+    stream them with ``iter_scores`` instead.
+    """
+    manifest: dict = {}
+    frames = [pl.from_arrow(t) for t in iter_scores(path, fingerprint, manifest_out=manifest)]
     return manifest, pl.concat(frames)
