@@ -12,12 +12,13 @@ candidates per train caption (t2i: its own image + 63 random train images) and 6
 (i2t: its 5 captions + 59 random train captions), with random scores (positives higher). Random
 candidates barely overlap between the two directions, so the pair count (about 43M) is the worst
 case for k = 64. A second, fresh child then times ``Dataset.load``, ``load_lookup`` (hard_k 16,
-as train-student builds it) with its peak RSS above the loaded dataset, one epoch of
-``BatchPlanner`` (hard batching, 128 pairs) and ``batch_lists`` per step, in-batch and explicit.
-``--lookup-scales`` are fractions of COCO (the quick run: 1/20 only).
+as train-student builds it) with its peak and resident RSS above the loaded dataset, one epoch
+of ``BatchPlanner`` (hard batching, 128 pairs) and ``batch_lists`` per step, in-batch and
+explicit. ``--lookup-scales`` are fractions of COCO: the default 0.0233, 0.233, 1 and 2.33 give
+about 1M, 10M, 43M and 100M cached pairs (the quick run: the first two, ten times apart).
 
-    python benchmarks/mine_scale.py --quick --json
-    python benchmarks/mine_scale.py                      # 10k, 100k, 1M gallery; 1/20 and full COCO
+    python benchmarks/mine_scale.py --lookup --quick --json
+    python benchmarks/mine_scale.py                      # 10k, 100k, 1M gallery; 1M-100M pairs
     python benchmarks/mine_scale.py --no-mine            # the lookup only (keeps the mining table)
 """
 
@@ -203,7 +204,6 @@ def _measure_lookup(
     """Child: load the lookup as train-student does; time it, its peak memory and its use."""
     import polars as pl
 
-    from pipeline.core.cache import load_scores
     from pipeline.core.dataset import Dataset
     from student.sampler import BatchPlanner, batch_lists
     from student.teacher_lookup import load_lookup
@@ -215,22 +215,15 @@ def _measure_lookup(
     dataset_s = time.perf_counter() - t0
     rss_before = _status_kb("VmRSS")
     exact = _reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lookup = load_lookup(ds, hard_k, teacher_scores=cache_path)
-    load_s = time.perf_counter() - t0
+    load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_after = _status_kb("VmRSS")
     arrays = [lookup.pos_score, lookup.pos_prob, lookup.caption_owner]
     for lists in (lookup.i2t, lookup.t2i):
         arrays += [lists.offsets, lists.cand, lists.score, lists.prob]
     lookup_mb = sum(a.nbytes for a in arrays) / 2**20
-
-    # The two halves of load_lookup, once more: read + check the shards, then build the CSR.
-    t0 = time.perf_counter()
-    _, pairs = load_scores(Path(cache_path), ds.fingerprint)
-    scores_s = time.perf_counter() - t0
-    pairs_mb = pairs.estimated_size() / 2**20
-    del pairs
 
     # Per step: one epoch of hard batches (planned up front, as train-student does), then the
     # teacher lists of the first `steps` batches, in-batch and with explicit negatives.
@@ -259,24 +252,20 @@ def _measure_lookup(
         batch_lists(lookup, e)
         extras.append(len(e.extra_images) + len(e.extra_captions))
     explicit_s = time.perf_counter() - t0
-    rss_end = _status_kb("VmRSS")  # seconds later: what the allocator gave back meanwhile
     out.put(
         {
             "hard_k": hard_k,
             "load_avg_1min": load_avg,
             "polars_threads": pl.thread_pool_size(),
             "dataset_load_s": dataset_s,
-            "load_lookup_s": load_s,
-            "load_scores_s": scores_s,
-            "build_s": load_s - scores_s,
+            "seconds": load_s,  # load_lookup: stream + check the shards, build the lists
+            "cpu_seconds": load_cpu_s,
             "rss_start_mb": rss_start / 1024,
             "rss_before_mb": rss_before / 1024,
             "peak_rss_mb": peak / 1024,
-            "peak_delta_mb": (peak - rss_before) / 1024,
-            "retained_delta_mb": (rss_after - rss_before) / 1024,
-            "retained_end_delta_mb": (rss_end - rss_before) / 1024,
+            "peak_mb": (peak - rss_before) / 1024,  # above the loaded dataset
+            "resident_mb": (rss_after - rss_before) / 1024,  # still held once it returned
             "peak_exact": exact,
-            "pairs_table_mb": pairs_mb,
             "lookup_mb": lookup_mb,
             "summary": lookup.summary(),
             "batch_size": planner.batch_size,
@@ -335,21 +324,31 @@ def _memory_gib() -> float:
     return float("nan")
 
 
+def _growth(rows: list[dict]) -> list[str]:
+    """Each row's pairs and load_lookup seconds as multiples of the previous row's."""
+    out = ["-"]
+    for prev, r in zip(rows, rows[1:], strict=False):
+        out.append(f"{r['pairs'] / prev['pairs']:.1f}x / {r['seconds'] / prev['seconds']:.1f}x")
+    return out
+
+
 def lookup_table(rows: list[dict]) -> str:
     lines = [
         "| scale | train images | train captions | cached pairs | cache MB | write s | "
-        "Dataset.load s | load_lookup s (read+check + build) | peak RSS delta MB | "
-        "lookup MB | plan epoch s (steps) | batch_lists ms/step | explicit ms/step | load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "load_lookup s (CPU s) | pairs / time vs previous | peak MB above dataset | "
+        "resident MB after | lookup MB | peak / lookup | plan epoch s (steps) | "
+        "batch_lists ms/step | explicit ms/step | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
+        "--- | --- |",
     ]
     lines += [
         f"| {r['scale']:g} | {r['train_images']:,} | {r['train_captions']:,} | {r['pairs']:,} | "
-        f"{r['cache_mb']:.0f} | {r['write_s']:.1f} | {r['dataset_load_s']:.2f} | "
-        f"{r['load_lookup_s']:.1f} ({r['load_scores_s']:.1f} + {r['build_s']:.1f}) | "
-        f"{r['peak_delta_mb']:.0f} | {r['lookup_mb']:.0f} | "
+        f"{r['cache_mb']:.0f} | {r['write_s']:.1f} | {r['seconds']:.1f} ({r['cpu_seconds']:.1f}) "
+        f"| {growth} | {r['peak_mb']:.0f} | {r['resident_mb']:.0f} | {r['lookup_mb']:.0f} | "
+        f"{r['peak_mb'] / r['lookup_mb']:.1f}x | "
         f"{r['plan_epoch_s']:.1f} ({r['steps_per_epoch']:,}) | {r['lists_ms_per_step']:.2f} | "
         f"{r['explicit_ms_per_step']:.2f} | {r['load_avg_1min']:.1f} |"
-        for r in rows
+        for r, growth in zip(rows, _growth(rows), strict=True)
     ]
     return "\n".join(lines)
 
@@ -363,15 +362,20 @@ def write_lookup_section(rows: list[dict]) -> Path:
         f"Command: `{command()}`\n\n"
         f"Machine: {machine()}; nproc {cores}, {_memory_gib():.0f} GiB RAM; polars "
         f"{r['polars_threads']} threads\n\n"
-        f"Synthetic dataset of COCO Karpathy size (scale 1) and a complete teacher cache of the "
-        f"unique pairs of k = {r['k']} candidates per train caption (t2i) and per train image "
-        f"(i2t), {r['shards']} shards; `load_lookup(..., hard_k={r['hard_k']})` in a fresh "
-        f"process. Peak RSS delta: peak during load_lookup above the RSS after `Dataset.load`. "
-        f"Plan epoch: `BatchPlanner.epoch` (hard batching, {r['batch_size']} pairs, 3 neighbours "
-        f"per seed). batch_lists: per step over the first {r['lists_steps']} batches of that "
-        f"epoch; explicit adds each batch's missing top-{r['hard_k']} negatives to its pools. "
-        f"Load: the machine's 1-minute load average before the measurement (shared machine: "
-        f"timings inflate once it passes the core count).\n\n"
+        f"Synthetic datasets of COCO Karpathy size times `scale` (scale 1: 113,287 train images), "
+        f"each with a complete teacher cache in the real format (the cache module's writers, "
+        f"{r['shards']} shards) holding the unique pairs of k = {r['k']} candidates per train "
+        f"caption (t2i) and per train image (i2t); `load_lookup(..., hard_k={r['hard_k']})` in a "
+        f"fresh process, as train-student calls it: the shards are streamed (each read once for "
+        f"its checksum and its projected columns) into per-query top-k accumulators "
+        f"(`student/topk_stream.py`). Peak / resident: RSS during / after load_lookup above the "
+        f"RSS after `Dataset.load`. Pairs / time vs previous: how much more of each the row has "
+        f"than the row above (linear: equal). Plan epoch: `BatchPlanner.epoch` (hard batching, "
+        f"{r['batch_size']} pairs, 3 neighbours per seed). batch_lists: per step over the first "
+        f"{r['lists_steps']} batches of that epoch; explicit adds each batch's missing "
+        f"top-{r['hard_k']} negatives to its pools. Load: the machine's 1-minute load average "
+        f"before the measurement (shared machine: wall times inflate once it passes the core "
+        f"count; the CPU seconds inflate less).\n\n"
         f"{lookup_table(rows)}\n\n"
         f"```json\n{json.dumps(rows, indent=2, sort_keys=True)}\n```\n"
     )
@@ -389,7 +393,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--indexes", default="flat,hnsw,ivf")
     ap.add_argument(
-        "--quick", action="store_true", help="10k and 50k galleries, 1k queries; lookup at 1/20"
+        "--quick",
+        action="store_true",
+        help="10k and 50k galleries, 1k queries; lookup at about 1M and 10M pairs",
     )
     ap.add_argument(
         "--mine", action=argparse.BooleanOptionalAction, default=True, help="the mining table"
@@ -400,7 +406,11 @@ def main() -> None:
         default=True,
         help="the teacher lookup at COCO scale",
     )
-    ap.add_argument("--lookup-scales", default="0.05,1", help="fractions of COCO's size")
+    ap.add_argument(
+        "--lookup-scales",
+        default="0.0233,0.233,1,2.33",
+        help="fractions of COCO's size (at k 64: about 1M, 10M, 43M and 100M cached pairs)",
+    )
     ap.add_argument("--lookup-k", type=int, default=64, help="candidates per query")
     ap.add_argument("--lookup-shards", type=int, default=64)
     ap.add_argument("--hard-k", type=int, default=16)
@@ -410,7 +420,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.sizes, args.queries, args.lookup_scales = "10000,50000", 1000, "0.05"
+        args.sizes, args.queries, args.lookup_scales = "10000,50000", 1000, "0.0233,0.233"
     rows = []
     if args.mine:
         rows = [

@@ -189,6 +189,7 @@ def load_lookup(
     (the cache/candidates readers raise a ValueError naming the file otherwise).
     """
     from pipeline.core.cache import iter_scores
+    from pipeline.core.memory import release_free_memory
     from pipeline.core.cache_entry import resolve_entry
     from pipeline.core.candidates import candidate_pairs, load_candidates
 
@@ -202,7 +203,11 @@ def load_lookup(
         builder = LookupBuilder(owner, train_ids, n, hard_k, "teacher")
         for shard in iter_scores(entry, dataset.fingerprint, columns=list(PAIR_COLUMNS)):
             builder.add(*(shard.column(c).to_numpy() for c in PAIR_COLUMNS))
-        return builder.finish()
+        del shard
+        lookup = builder.finish()
+        del builder
+        release_free_memory()  # the build's freed buffers: nothing held beyond the lookup
+        return lookup
     if candidates is not None:
         manifest, table = load_candidates(Path(candidates))
         have = manifest.get("dataset", {}).get("fingerprint")

@@ -25,6 +25,7 @@ import numpy as np
 _LOW = np.uint64(0xFFFFFFFF)
 _SHIFT = np.uint64(32)
 _NO_FLOOR = np.uint32(0xFFFFFFFF)  # the largest key: every row passes
+_LITTLE = np.little_endian  # a uint64's low 32 bits are then its first uint32
 
 
 def score_key(score: np.ndarray) -> np.ndarray:
@@ -44,23 +45,26 @@ def key_score(low: np.ndarray) -> np.ndarray:
 class TopKStream:
     """The k best candidates of each of ``num_queries`` queries over rows added in any order."""
 
-    def __init__(self, num_queries: int, k: int, budget: int | None = None):
+    def __init__(self, num_queries: int, k: int, budget: int | None = None, block: int = 1 << 18):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if num_queries >= 2**32:
             raise ValueError(f"at most 2**32 queries, got {num_queries}")
         self.num_queries, self.k = num_queries, k
-        # a merge sorts kept + pending rows: half the most rows that can be kept is a bound that
-        # keeps the number of merges (each re-sorting the kept rows) small
-        self.budget = budget or max(1 << 20, num_queries * k // 2)
+        # Each merge passes over all kept rows once (linear) and sorts the pending ones: an
+        # eighth of the most rows that can be kept keeps the merges few (about 10 at COCO
+        # scale) and the buffer's sort small next to the kept rows (peak about 2x them).
+        self.budget = budget or max(1 << 18, num_queries * k // 8)
+        self.block = block  # rows merged at a time: bounds the merge's workspace
         self.floor = np.full(num_queries, _NO_FLOOR, dtype=np.uint32)  # (Q,) k-th best's low key
+        self.lens = np.zeros(num_queries, dtype=np.int64)  # (Q,) rows kept per query
         self._key = np.empty(0, dtype=np.uint64)  # (E,) kept rows, sorted by (key, cand)
         self._cand = np.empty(0, dtype=np.int32)  # (E,)
         self._extra = np.empty(0, dtype=np.float32)  # (E,)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
         self.rows_seen = 0  # every row added
-        self.rows_merged = 0  # rows that passed their floor and went through a merge sort
+        self.rows_merged = 0  # rows that passed their floor and went through a merge
 
     def add(self, query: np.ndarray, cand: np.ndarray, score: np.ndarray, extra: np.ndarray):
         """Offer rows (R,) each: query id, candidate id (< 2**31), float32 score, float32 extra."""
@@ -81,48 +85,73 @@ class TopKStream:
             self._merge()
 
     def _merge(self) -> None:
+        """Merge the pending rows into the kept rows, in place, one block of queries at a time.
+
+        Query q's kept rows grow from ``lens[q]`` to ``min(lens[q] + new rows of q, k)``, so
+        every query's rows start at or after where they did: the kept arrays are grown in place
+        and the blocks are merged from the last to the first, each written over rows that were
+        either its own (copied out first) or a later block's (already merged).
+        """
         if not self._pending:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
         key = np.concatenate([p[0] for p in pending])  # (P,)
         order = np.argsort(key)  # (P,) the new rows by key
-        # (R,) = kept rows, then the new ones in key order: two sorted runs
-        key = np.concatenate([self._key, key[order]])
-        cand = np.concatenate([self._cand, np.concatenate([p[1] for p in pending])[order]])
-        extra = np.concatenate([self._extra, np.concatenate([p[2] for p in pending])[order]])
-        self.rows_merged += len(order)
-        del pending, order
-        self._key = self._cand = self._extra = None  # let the old kept rows go
-        # a stable sort of two sorted runs is one linear merge (timsort finds the runs): the
-        # kept rows are never re-sorted
-        order = np.argsort(key, kind="stable")
         key = key[order]
-        cand = cand[order]
-        extra = extra[order]
-        del order
-        _tie_order(key, cand, extra)
-        counts = np.bincount((key >> _SHIFT).view(np.int64), minlength=self.num_queries)  # (Q,)
-        lens = np.minimum(counts, self.k)  # (Q,) rows kept per query
-        first = np.cumsum(counts) - counts  # (Q,) where each query's rows start in the merge
-        take = _ranges(first, lens)  # (E,) the merged positions kept
-        self._key, self._cand, self._extra = key[take], cand[take], extra[take]
-        full = np.flatnonzero(lens == self.k)
-        last = np.cumsum(lens)[full] - 1  # (F,) each full query's k-th row
-        self.floor[full] = (self._key[last] & _LOW).astype(np.uint32)
+        cand = np.concatenate([p[1] for p in pending])[order]
+        extra = np.concatenate([p[2] for p in pending])[order]
+        del pending, order
+        self.rows_merged += len(key)
+        new = np.bincount((key >> _SHIFT).view(np.int64), minlength=self.num_queries)  # (Q,)
+        old_end, new_end = np.cumsum(self.lens), np.cumsum(new)  # (Q,) per-query ends
+        self.lens = np.minimum(self.lens + new, self.k)
+        out_end = np.cumsum(self.lens)
+        for arr in (self._key, self._cand, self._extra):
+            arr.resize(int(out_end[-1]), refcheck=False)  # grows in place (realloc)
+        # blocks of whole queries of about `block` rows each, the last merged first
+        cuts = np.searchsorted(
+            old_end + new_end,
+            np.arange(self.block, len(key) + old_end[-1], self.block),
+            side="right",
+        )
+        bounds = np.unique(np.concatenate([[0], cuts, [self.num_queries]]))
+        for qa, qb in zip(bounds[-2::-1], bounds[:0:-1], strict=True):
+            self._merge_block(int(qa), int(qb), old_end, new_end, out_end, key, cand, extra)
+        full = np.flatnonzero(self.lens == self.k)
+        self.floor[full] = (self._key[out_end[full] - 1] & _LOW).astype(np.uint32)
+
+    def _merge_block(self, qa, qb, old_end, new_end, out_end, key, cand, extra) -> None:
+        """Queries qa..qb-1: their kept rows and new rows merged, cut to k each, written back."""
+        o0, o1 = _start(old_end, qa), int(old_end[qb - 1])
+        n0, n1 = _start(new_end, qa), int(new_end[qb - 1])
+        w0 = _start(out_end, qa)
+        b_key = np.concatenate([self._key[o0:o1], key[n0:n1]])  # (B,) two sorted runs
+        b_cand = np.concatenate([self._cand[o0:o1], cand[n0:n1]])
+        b_extra = np.concatenate([self._extra[o0:o1], extra[n0:n1]])
+        # a stable sort of two sorted runs is one linear merge (timsort finds the runs)
+        order = np.argsort(b_key, kind="stable")
+        b_key, b_cand, b_extra = b_key[order], b_cand[order], b_extra[order]
+        _tie_order(b_key, b_cand, b_extra)
+        counts = np.diff(old_end[qa:qb] + new_end[qa:qb], prepend=o0 + n0)  # (Qb,) rows each
+        lens = self.lens[qa:qb]
+        take = _ranges(np.cumsum(counts) - counts, lens)  # (Eb,) block rows kept
+        w1 = w0 + len(take)
+        self._key[w0:w1], self._cand[w0:w1], self._extra[w0:w1] = (
+            b_key[take],
+            b_cand[take],
+            b_extra[take],
+        )
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(offsets (Q+1,) int64, cand (E,) int64, score (E,) float32, extra (E,) float32) in CSR
         form: query q's rows are ``offsets[q]:offsets[q + 1]``, best first."""
         self._merge()
-        counts = np.bincount((self._key >> _SHIFT).view(np.int64), minlength=self.num_queries)
         offsets = np.zeros(self.num_queries + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        return (
-            offsets,
-            self._cand.astype(np.int64),
-            key_score(self._key & _LOW),
-            self._extra,
-        )
+        np.cumsum(self.lens, out=offsets[1:])
+        score = key_score(self._key.view(np.uint32)[::2] if _LITTLE else self._key & _LOW)
+        self._key = None
+        cand, self._cand = self._cand.astype(np.int64), None
+        return offsets, cand, score, self._extra
 
 
 def _tie_order(key: np.ndarray, cand: np.ndarray, extra: np.ndarray) -> None:
@@ -144,3 +173,8 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """(sum(lens),) int64: ``starts[i] + 0 .. lens[i] - 1`` for every i, concatenated."""
     out_first = np.cumsum(lens) - lens
     return np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - out_first, lens)
+
+
+def _start(ends: np.ndarray, q: int) -> int:
+    """Where query q's rows start, given every query's end (a cumulative sum)."""
+    return int(ends[q - 1]) if q else 0

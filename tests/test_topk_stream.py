@@ -44,12 +44,13 @@ def rows(rng, n, num_queries, num_cands, distinct_scores=None):
 @pytest.mark.parametrize("distinct", [None, 3])
 @pytest.mark.parametrize("budget", [7, 64, 10_000])
 @pytest.mark.parametrize("chunk", [1, 13, 5000])
-def test_stream_equals_one_sort(distinct, budget, chunk):
-    """Any chunking and merge budget, with and without heavy score ties (candidate id order)."""
-    rng = np.random.default_rng(budget * 31 + chunk + (distinct or 0))
+@pytest.mark.parametrize("block", [1, 23, 1 << 20])
+def test_stream_equals_one_sort(distinct, budget, chunk, block):
+    """Any chunking, merge budget and merge block, with and without heavy score ties."""
+    rng = np.random.default_rng(budget * 31 + chunk + block + (distinct or 0))
     num_queries, k = 40, 5
     query, cand, score, extra = rows(rng, 1500, num_queries, 60, distinct)
-    stream = TopKStream(num_queries, k, budget=budget)
+    stream = TopKStream(num_queries, k, budget=budget, block=block)
     for s in range(0, len(query), chunk):
         sl = slice(s, s + chunk)
         stream.add(query[sl], cand[sl], score[sl], extra[sl])
