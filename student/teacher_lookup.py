@@ -189,9 +189,9 @@ def load_lookup(
     (the cache/candidates readers raise a ValueError naming the file otherwise).
     """
     from pipeline.core.cache import iter_scores
-    from pipeline.core.memory import release_free_memory
     from pipeline.core.cache_entry import resolve_entry
     from pipeline.core.candidates import candidate_pairs, load_candidates
+    from pipeline.core.memory import release_free_memory
 
     train_images, _ = dataset.split("train")
     owner = dataset.captions["image_id"].to_numpy()

@@ -397,12 +397,28 @@ def iter_scores(
             yield pq.read_table(pa.BufferReader(data), columns=columns, schema=SHARD_SCHEMA)
 
 
-def load_scores(path: Path, fingerprint: str | None = None) -> tuple[dict, pl.DataFrame]:
-    """(manifest, all pair scores) of a complete cache entry, every shard checked.
+def load_scores(
+    path: Path,
+    fingerprint: str | None = None,
+    *,
+    where: pl.Expr | None = None,
+    pairs: pl.DataFrame | None = None,
+    columns: list[str] | None = None,
+) -> tuple[dict, pl.DataFrame]:
+    """(manifest, pair scores) of a complete cache entry, every shard checked.
 
-    Holds every pair in memory: readers that reduce the scores (the student's teacher lookup)
-    stream them with ``iter_scores`` instead.
+    Streamed (``iter_scores``): only the rows each shard keeps are held, those passing
+    ``where`` (a polars expression) and, when ``pairs`` (image_id, caption_id) is given, those
+    pairs. Without either every pair is held: readers that reduce all the scores (the
+    student's teacher lookup) consume ``iter_scores`` themselves.
     """
     manifest: dict = {}
-    frames = [pl.from_arrow(t) for t in iter_scores(path, fingerprint, manifest_out=manifest)]
+    frames = []
+    for table in iter_scores(path, fingerprint, columns, manifest):
+        frame = pl.from_arrow(table)
+        if where is not None:
+            frame = frame.filter(where)
+        if pairs is not None:
+            frame = frame.join(pairs.select(PAIR), on=PAIR, how="semi")
+        frames.append(frame)
     return manifest, pl.concat(frames)

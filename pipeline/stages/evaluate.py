@@ -154,11 +154,18 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
 def _agreement(cfg: EvalConfig, ds: Dataset, images, captions, img, cap) -> dict:
     """The student's agreement with the teacher on the split's cached candidates."""
+    import polars as pl
+
     from pipeline.core.agreement import ranking_agreement
     from pipeline.core.cache import load_scores
     from pipeline.core.cache_entry import resolve_entry
 
-    _, pairs = load_scores(resolve_entry(cfg.teacher_scores, ds.fingerprint), ds.fingerprint)
+    # only the split's pairs are kept as the shards stream by
+    split = pl.col("image_id").is_in(images["image_id"].implode()) & pl.col("caption_id").is_in(
+        captions["caption_id"].implode()
+    )
+    entry = resolve_entry(cfg.teacher_scores, ds.fingerprint)
+    _, pairs = load_scores(entry, ds.fingerprint, where=split)
     got = ranking_agreement(
         pairs, img, images["image_id"].to_numpy(), cap, captions["caption_id"].to_numpy()
     )

@@ -183,7 +183,8 @@ def _plot(out: Path, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     report = json.loads((out / "report.json").read_text())
-    teacher = load_scores(Path(report["teacher_cache"]["cache_path"]))[1]["score"].to_numpy()
+    cache_path = Path(report["teacher_cache"]["cache_path"])
+    teacher = load_scores(cache_path, columns=["score"])[1]["score"].to_numpy()
     miner = load_candidates(out / "candidates")[1]["score"].to_numpy()
     for values, name in ((teacher, "teacher ITM logit"), (miner, "ITC student cosine")):
         z = (values - values.mean()) / (values.std() + 1e-9)  # standardised: compare shapes

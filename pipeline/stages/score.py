@@ -223,14 +223,13 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
         "complete": final is not None,
     }
     if final is not None:
-        try:
-            _, all_scores = cache.load_scores(path)
+        try:  # streamed: only the candidates' pairs are held
+            _, needed = cache.load_scores(path, pairs=wanted.candidate_pairs)
         except ValueError as e:
             # Another worker (a re-mining round) began rewriting a shard after our pairs were
             # checked complete under the entry lock: the claim stands, the distributions wait.
             log.warning("score distributions skipped, the cache is being extended: %s", e)
             return summary
-        needed = wanted.candidate_pairs.join(all_scores, on=PAIR_KEY, how="inner")
         summary["teacher_score"] = describe(needed["score"].to_numpy())
         summary["miner_score"] = describe(cand["score"].to_numpy())
     return summary
