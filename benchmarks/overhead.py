@@ -32,7 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
@@ -169,7 +168,7 @@ def score_side(data: Path, candidates: Path, tmp: Path, args) -> tuple[dict, Pat
                     args.teacher_batch,
                 )
                 bare_score(teacher, steps[:1])  # warm-up: first-call allocations
-            t_bare.append(_timed(lambda: bare_score(teacher, steps), device)[0])
+            t_bare.append(_timed(lambda s=steps: bare_score(teacher, s), device)[0])
             print(
                 f"score repeat {r + 1}: pipeline {t_pipe[-1]:.2f} s, bare {t_bare[-1]:.2f} s",
                 file=sys.stderr,
@@ -290,7 +289,9 @@ def train_side(data: Path, cache_path: Path, tmp: Path, args) -> dict:
         startup.append(wall - summary["train_seconds"])
         with precision_scope(cfg.precision):
             seconds = sum(
-                _timed(lambda s=s: bare_train(model, optimizer, settings, s, cfg, device), device)[0]
+                _timed(lambda s=s: bare_train(model, optimizer, settings, s, cfg, device), device)[
+                    0
+                ]
                 for s in inputs
             )
         t_bare.append(seconds / steps)
