@@ -16,7 +16,8 @@ Both measured in one process, the two sides interleaved, so machine noise hits b
 ratio = bare seconds / pipeline seconds: 1.0 is no overhead; the goal is >= 0.8.
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --quick --json
-    OMP_NUM_THREADS=1 python benchmarks/overhead.py --teacher base
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --teacher base --images 24 --k 2 --repeats 1 \
+        --epochs 4
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
@@ -88,7 +90,7 @@ def bare_score_inputs(teacher, cache_path: Path, ds, images_per_step: int, batch
     from pipeline.core import cache
     from teacher.model import _tokenize
 
-    _, pairs = cache.load_scores(cache_path)
+    meta, pairs = cache.load_scores(cache_path)
     groups = pairs.group_by("image_id").agg("caption_id").sort("image_id")
     texts = ds.captions["caption"]  # indexed by caption id, as score-teacher does
     paths = {i: ds.image_path(p) for i, p in ds.images.select("image_id", "path").iter_rows()}
@@ -108,7 +110,13 @@ def bare_score_inputs(teacher, cache_path: Path, ds, images_per_step: int, batch
             tok = _tokenize(teacher, [texts[c] for _, c in chunk])
             batches.append((rows, tok["input_ids"], tok["attention_mask"]))
         steps.append((pixels, batches))
-    return steps, pairs.height, groups.height
+    # vision passes: score-teacher encodes an image once in each shard holding a pair of it
+    ids = pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy()
+    encodes = {
+        by: len(np.unique(cache.shard_of(*ids, meta["num_shards"], by=by) * (1 << 32) + ids[0]))
+        for by in cache.SHARD_BY
+    }
+    return steps, pairs.height, groups.height, {"layout": cache.shard_by(meta), **encodes}
 
 
 @torch.no_grad()
@@ -160,7 +168,7 @@ def score_side(data: Path, candidates: Path, tmp: Path, args) -> tuple[dict, Pat
             seconds, summary = _timed(lambda r=r: pipeline(r), device)
             t_pipe.append(seconds)
             if steps is None:  # the same pairs the pipeline scored, read back from its cache
-                steps, pairs, images = bare_score_inputs(
+                steps, pairs, images, encodes = bare_score_inputs(
                     teacher,
                     Path(summary["cache_path"]),
                     ds,
@@ -178,6 +186,8 @@ def score_side(data: Path, candidates: Path, tmp: Path, args) -> tuple[dict, Pat
         "score_ratio": bare / pipe,
         "pairs": pairs,
         "images": images,
+        # the pipeline's vision passes in this cache's layout, and in either layout
+        "image_encodes": {"bare": images, **encodes},
         "pipeline_seconds": pipe,
         "bare_seconds": bare,
         "pipeline_pairs_per_s": pairs / pipe,
@@ -248,7 +258,18 @@ def bare_train_setup(cfg):
             steps.append((px, tok, lists, lookup.pos_score[b.captions]))
         return steps
 
-    return model, optimizer, settings, epoch_inputs, device
+    def refresh_seconds() -> float:
+        """One refresh of the negative bank (the trainer's at every epoch start), timed."""
+        from student.bank import make_bank, refresh_bank
+
+        live = {m: cfg.negatives != "bank" for m in ("image", "caption")}
+        bank = make_bank(model, loaded, ds, cfg, live, device)
+        if bank is None:
+            return 0.0
+        run = lambda: refresh_bank(bank, model, pixels, caption_inputs, planner, live, device, 0)  # noqa: E731
+        return _timed(run, device)[0]
+
+    return model, optimizer, settings, epoch_inputs, device, refresh_seconds
 
 
 def bare_train(model, optimizer, settings, steps, cfg, device) -> None:
@@ -277,13 +298,13 @@ def train_side(data: Path, cache_path: Path, tmp: Path, args) -> dict:
     from student.train import train_student
 
     cfg = _student_cfg(data, cache_path, tmp / "student", args)
-    model, optimizer, settings, epoch_inputs, device = bare_train_setup(cfg)
+    model, optimizer, settings, epoch_inputs, device, refresh_seconds = bare_train_setup(cfg)
     with precision_scope(cfg.precision):
         inputs = [epoch_inputs(e) for e in range(cfg.epochs)]
         bare_train(model, optimizer, settings, inputs[0][:1], cfg, device)  # warm-up
     steps = sum(len(s) for s in inputs)
-    t_pipe, t_bare, startup, summary = [], [], [], None
-    for r in range(args.repeats):  # interleaved: drift in machine load hits both sides
+    t_pipe, t_bare, startup, t_refresh, summary = [], [], [], [], None
+    for r in range(args.train_repeats):  # interleaved: drift in machine load hits both sides
         wall, summary = _timed(lambda: train_student(cfg, progress=False), device)
         t_pipe.append(summary["train_seconds"] / summary["steps"])
         startup.append(wall - summary["train_seconds"])
@@ -295,6 +316,8 @@ def train_side(data: Path, cache_path: Path, tmp: Path, args) -> dict:
                 for s in inputs
             )
         t_bare.append(seconds / steps)
+        with precision_scope(cfg.precision):
+            t_refresh.append(refresh_seconds())
         print(
             f"train repeat {r + 1}: pipeline {t_pipe[-1]:.4f} s/step, bare {t_bare[-1]:.4f} "
             f"s/step, outside the epochs {startup[-1]:.2f} s",
@@ -315,6 +338,8 @@ def train_side(data: Path, cache_path: Path, tmp: Path, args) -> dict:
         "pipeline_seconds_per_step": pipe,
         "bare_seconds_per_step": bare,
         "startup_seconds": min(startup),
+        # part of the pipeline's epochs: the bank re-encodes every training row at epoch start
+        "bank_refresh_seconds_per_step": min(t_refresh) * cfg.epochs / steps,
         "device": str(device),
         "precision": summary["precision"],
     }
@@ -337,12 +362,14 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", default=None)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side")
+    ap.add_argument("--train-repeats", type=int, default=2, help="interleaved train runs")
     ap.add_argument("--skip", choices=["score", "train"], default=None)
     ap.add_argument("--quick", action="store_true", help="tiny teacher, 48 images, 1 epoch")
     ap.add_argument("--json", action="store_true", help="print one JSON line at the end")
     args = ap.parse_args()
     if args.quick:
-        args.teacher, args.images, args.epochs, args.batch_size = "tiny", 48, 1, 32
+        args.teacher, args.images, args.epochs, args.batch_size = "tiny", 96, 1, 32
+        args.shards = 8  # as the demo's quick profile: 12 images a shard, not 1.5
     torch.manual_seed(0)
     result: dict = {"quick": args.quick, "load_1min": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
