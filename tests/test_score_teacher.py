@@ -94,10 +94,11 @@ def test_scores_every_unique_pair_once(cands, teacher_dir, tmp_path, small_datas
     rows = all_rows(path)
     assert rows.height == len(expect)
     assert set(rows.select("image_id", "caption_id").iter_rows()) == expect
-    for shard in range(4):  # each row sits in the shard its pair hashes to
+    assert cache.shard_by(cache.read_key(path)) == "image"  # a new cache's layout
+    for shard in range(4):  # each row sits in the shard its image hashes to
         part = cache.read_shard(path, shard)
-        expect = cache.shard_of(part["image_id"].to_numpy(), part["caption_id"].to_numpy(), 4)
-        assert (expect == shard).all()
+        ids = part["image_id"].to_numpy(), part["caption_id"].to_numpy()
+        assert (cache.shard_of(*ids, 4, by="image") == shard).all()
     assert not list(path.glob(".*tmp-*"))
     assert set(s["teacher_score"]) == {"mean", "std", "q05", "q25", "q50", "q75", "q95"}
 
@@ -171,6 +172,47 @@ def test_shard_of_fixed_values():
     assert cache.shard_of(images, captions, 64).tolist() == [47, 1, 56, 1, 46, 60, 33, 29]
     assert cache.shard_of(images, captions, 7).tolist() == [2, 2, 6, 5, 5, 5, 5, 2]
     assert cache.shard_of(images, captions, 1).tolist() == [0] * 8
+
+
+def test_shard_of_image_keeps_an_image_in_one_shard():
+    """by="image" puts every pair of an image in the shard of (image, caption 0), whatever the
+    caption; by="pair" (the older layout) spreads them."""
+    images = np.repeat(np.arange(20, dtype=np.int64), 30)
+    captions = np.arange(600, dtype=np.int64)
+    by_image = cache.shard_of(images, captions, 64, by="image")
+    assert (by_image.reshape(20, 30) == by_image.reshape(20, 30)[:, :1]).all()
+    np.testing.assert_array_equal(by_image, cache.shard_of(images, np.zeros_like(captions), 64))
+    assert len(set(cache.shard_of(images, captions, 64)[:30].tolist())) > 1
+    with pytest.raises(ValueError, match="shard_by"):
+        cache.shard_of(images, captions, 64, by="caption")
+
+
+def test_pair_sharded_cache_is_extended_in_its_own_layout(cands, teacher_dir, tmp_path):
+    """A cache in the older pair-hashed layout (key.json without shard_by) keeps it: score-teacher
+    fills and extends it pair-hashed, verify finds it healthy, and its scores equal those of the
+    image-sharded cache (same pairs, same values up to float noise from other batch shapes)."""
+    new = score(cands[3], teacher_dir, tmp_path / "new", "--shards", "4")
+    new_path = Path(new["cache_path"])
+    old_path = tmp_path / "old" / new_path.name  # the same key, the older layout
+    old_path.mkdir(parents=True)
+    meta = cache.read_key(new_path)
+    meta.pop("shard_by")
+    (old_path / "key.json").write_text(json.dumps(meta))
+    first = score(cands[3], teacher_dir, tmp_path / "old", "--shards", "4")
+    assert first["cache_path"] == str(old_path) and first["complete"]
+    more = score(cands[5], teacher_dir, tmp_path / "old", "--shards", "4")  # a re-mining round
+    assert more["complete"] and 0 < more["pairs_scored"] < more["pairs_total"]
+    assert cache.shard_by(cache.read_key(old_path)) == "pair"
+    for shard in range(4):
+        part = cache.read_shard(old_path, shard)
+        ids = part["image_id"].to_numpy(), part["caption_id"].to_numpy()
+        assert (cache.shard_of(*ids, 4) == shard).all()
+    report = json.loads(run("cache", "verify", old_path, "--json").stdout)
+    assert report["healthy"], report
+    a = all_rows(new_path)
+    b = all_rows(old_path).join(a.select("image_id", "caption_id"), on=["image_id", "caption_id"])
+    assert b.height == a.height
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), atol=1e-5)
 
 
 def test_batched_scores_equal_per_pair(small_dataset, cands, teacher_dir, tmp_path):

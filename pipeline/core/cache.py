@@ -17,8 +17,12 @@ A shard is rewritten only after the manifest and the shard's marker are removed 
 lock), so a manifest on disk always matches the shards, and a kill leaves either the old file or
 the new one, each complete, with at most its marker missing.
 
-The candidate set is not part of the key: a re-mined candidate set only adds the missing pairs,
-each to the shard its pair hashes to, so the shard count of a cache never changes. Teacher ranks
+Which shard a pair goes to is key.json's ``shard_by`` (:func:`shard_of`): ``image`` (every cache
+score-teacher creates) hashes the image id alone, so all of an image's pairs share a shard and
+its vision encoder runs once per scoring run, not once per shard; ``pair`` (caches written before
+``shard_by`` existed, which lack the field) hashes the pair. The candidate set is not part of the
+key: a re-mined candidate set only adds the missing pairs, each to the shard it hashes to, so the
+shard count and layout of a cache never change. Teacher ranks
 are not stored: they depend on each query's candidate list and are rebuilt from the scores.
 """
 
@@ -77,8 +81,23 @@ def cache_key(fingerprint: str, teacher_identity: dict) -> tuple[str, dict]:
     return atomic.json_sha256(fields)[:20], fields
 
 
-def shard_of(image_ids: np.ndarray, caption_ids: np.ndarray, num_shards: int) -> np.ndarray:
-    """The shard of each pair: a fixed integer hash (splitmix64) of the pair, modulo N."""
+SHARD_BY = ("image", "pair")  # key.json's shard_by: what a pair's shard is a hash of
+
+
+def shard_by(meta: dict) -> str:
+    """The shard layout of a cache entry (its key.json): ``pair`` when the field is absent."""
+    return meta.get("shard_by", "pair")
+
+
+def shard_of(
+    image_ids: np.ndarray, caption_ids: np.ndarray, num_shards: int, by: str = "pair"
+) -> np.ndarray:
+    """The shard of each pair: a fixed integer hash (splitmix64) of the pair (``by="pair"``) or
+    of its image alone (``by="image"``: the pair hash with caption id 0), modulo N."""
+    if by not in SHARD_BY:
+        raise ValueError(f"shard_by must be one of {SHARD_BY}, got {by!r}")
+    if by == "image":
+        caption_ids = np.zeros_like(image_ids)
     with np.errstate(over="ignore"):
         x = (image_ids.astype(np.uint64) << np.uint64(32)) ^ caption_ids.astype(np.uint64)
         x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -88,10 +107,14 @@ def shard_of(image_ids: np.ndarray, caption_ids: np.ndarray, num_shards: int) ->
     return (x % np.uint64(num_shards)).astype(np.int64)
 
 
-def open_cache(root: Path, fields: dict, key: str, num_shards: int, teacher: dict) -> Path:
+def open_cache(
+    root: Path, fields: dict, key: str, num_shards: int, teacher: dict, by: str = "pair"
+) -> Path:
     """Create (or check) the cache entry ``root/key``; return its path.
 
-    An existing entry made with another shard count, or whose key file disagrees, is an error.
+    A new entry shards ``by`` image or pair (:func:`shard_of`); an existing one keeps its own
+    layout. An existing entry made with another shard count, or whose key file disagrees, is an
+    error.
     """
     path = Path(root) / key
     meta = {
@@ -99,6 +122,7 @@ def open_cache(root: Path, fields: dict, key: str, num_shards: int, teacher: dic
         "version": CACHE_VERSION,
         "key": key,
         "num_shards": num_shards,
+        **({"shard_by": by} if by != "pair" else {}),  # absent: pair (the older layout)
         **fields,
         "teacher": teacher,
     }
@@ -251,10 +275,12 @@ def discard_shard(path: Path, shard: int) -> None:
         atomic.fsync_dir(path)
 
 
-def _by_shard(pairs: pl.DataFrame, num_shards: int) -> dict[int, pl.DataFrame]:
-    """(image_id, caption_id) ``pairs`` grouped by the shard each hashes to."""
+def _by_shard(pairs: pl.DataFrame, meta: dict) -> dict[int, pl.DataFrame]:
+    """(image_id, caption_id) ``pairs`` grouped by the shard each hashes to in the entry of
+    key.json ``meta``."""
     pairs = pairs.select(PAIR)
-    shard = shard_of(pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy(), num_shards)
+    ids = pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy()
+    shard = shard_of(*ids, meta["num_shards"], by=shard_by(meta))
     parts = pairs.with_columns(shard=shard).partition_by("shard", as_dict=True)
     return {s: df.drop("shard") for (s,), df in parts.items()}
 
@@ -276,7 +302,7 @@ def finalize(path: Path, required: pl.DataFrame | None = None) -> dict | None:
     """
     path = Path(path)
     meta = read_key(path)
-    need = {} if required is None else _by_shard(required, meta["num_shards"])
+    need = {} if required is None else _by_shard(required, meta)
     with entry_lock(path):
         shards = {}
         for shard in range(meta["num_shards"]):
@@ -305,7 +331,7 @@ def missing_pairs(path: Path, required: pl.DataFrame) -> pl.DataFrame:
     path = Path(path)
     out = [pl.DataFrame(schema={"image_id": pl.Int64, "caption_id": pl.Int64})]
     with entry_lock(path, shared=True):
-        for shard, need in _by_shard(required, read_key(path)["num_shards"]).items():
+        for shard, need in _by_shard(required, read_key(path)).items():
             have = _read_pairs(path / f"{shard_name(shard)}.parquet")
             out.append(need if have is None else need.join(have, on=PAIR, how="anti"))
     return pl.concat(out).sort(PAIR)

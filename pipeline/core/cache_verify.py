@@ -26,6 +26,7 @@ from pipeline.core.cache import (
     missing_pairs,
     read_key,
     read_marker,
+    shard_by,
     shard_name,
     shard_of,
 )
@@ -33,7 +34,7 @@ from pipeline.core.cache import (
 # ---- verification ------------------------------------------------------------------------------
 
 
-def _shard_problems(path: Path, shard: int, num_shards: int) -> tuple[list[str], int]:
+def _shard_problems(path: Path, shard: int, meta: dict) -> tuple[list[str], int]:
     """(what is wrong with one shard, its rows): marker, file, checksum, rows, hashing, dupes."""
     name = shard_name(shard)
     f, m = path / f"{name}.parquet", path / f"{name}.json"
@@ -61,7 +62,7 @@ def _shard_problems(path: Path, shard: int, num_shards: int) -> tuple[list[str],
     if marker is not None and rows.height != marker["rows"]:
         problems.append(f"{rows.height} rows, its marker says {marker['rows']}")
     ids = rows["image_id"].to_numpy(), rows["caption_id"].to_numpy()
-    elsewhere = int((shard_of(*ids, num_shards) != shard).sum())
+    elsewhere = int((shard_of(*ids, meta["num_shards"], by=shard_by(meta)) != shard).sum())
     if elsewhere:
         problems.append(f"{elsewhere} pairs belong to other shards")
     dupes = rows.height - rows.select("image_id", "caption_id").n_unique()
@@ -159,7 +160,7 @@ def verify(path: Path, candidates: Path | None = None, data: Path | None = None)
     damaged, pairs = {}, 0
     with entry_lock(path, shared=True):  # a running score-teacher commits nothing meanwhile
         for shard in range(num_shards):
-            problems, rows = _shard_problems(path, shard, num_shards)
+            problems, rows = _shard_problems(path, shard, meta)
             if problems:
                 damaged[shard_name(shard)] = "; ".join(problems)
             else:

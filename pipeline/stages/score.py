@@ -133,14 +133,14 @@ def score_teacher(cfg: ScoreConfig, progress: bool = True, loaded_teacher=None) 
     if workers is None:
         workers = 4 if teacher.device.type == "cuda" else 0
     key, fields = cache.cache_key(ds.fingerprint, teacher.identity)
-    path = cache.open_cache(cfg.cache_dir, fields, key, cfg.shards, teacher.identity)
-    num_shards = cache.read_key(path)["num_shards"]
+    # A new cache keeps each image's pairs in one shard, so each image is encoded once per run
+    # (a pair-hashed cache of an older cprd keeps its layout: an image per shard it touches).
+    path = cache.open_cache(cfg.cache_dir, fields, key, cfg.shards, teacher.identity, by="image")
+    meta = cache.read_key(path)
+    num_shards = meta["num_shards"]
 
-    pairs = pairs.with_columns(
-        shard=cache.shard_of(
-            pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy(), num_shards
-        )
-    )
+    ids = pairs["image_id"].to_numpy(), pairs["caption_id"].to_numpy()
+    pairs = pairs.with_columns(shard=cache.shard_of(*ids, num_shards, by=cache.shard_by(meta)))
     mine = list(cfg.shard_ids if cfg.shard_ids is not None else range(num_shards))[rank::world]
 
     by_shard = {
