@@ -163,3 +163,20 @@ def test_index_rewrites_are_geometric(tmp_path, monkeypatch):
     reopened = FeatureStore(IDENT, tmp_path)
     assert len(reopened) == 200
     np.testing.assert_array_equal(reopened.get(["k150"], compute([]))[0], item(150))
+
+
+def test_unwritable_index_still_opens(tmp_path, monkeypatch, caplog):
+    """A cache whose index cannot be written (read-only) still serves its items, with a warning."""
+    keys = filled(tmp_path, 4)
+    (FeatureStore(IDENT, tmp_path).dir / INDEX_FILE).unlink()
+
+    def refused(path):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(features.atomic, "atomic_path", refused)
+    with caplog.at_level(logging.WARNING, logger=features.__name__):
+        store = FeatureStore(IDENT, tmp_path)
+    assert "cannot write index.npz" in caplog.text
+    calls: list = []
+    np.testing.assert_array_equal(store.get(keys[2:3], compute(calls))[0], item(2))
+    assert calls == []

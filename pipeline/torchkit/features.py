@@ -121,7 +121,16 @@ class FeatureStore:
         for name in new:
             self._scan(name)
         if gone or new:
-            self._write_index()
+            try:
+                self._write_index()
+            except OSError as e:  # a read-only cache still serves what it holds
+                log.warning(
+                    "feature cache: cannot write %s in %s (%s); later opens read the unindexed "
+                    "parts again",
+                    INDEX_FILE,
+                    self.dir,
+                    e,
+                )
 
     def _read_index(self) -> bool:
         """Load ``index.npz`` into the lookup arrays; False when it is absent or unreadable."""
