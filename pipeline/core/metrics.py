@@ -12,12 +12,14 @@ collapsed model that gives every pair the same score gets rank = number of negat
 perfect rank 0, and a tie can never inflate a reported recall. With continuous float scores ties
 are rare and this equals the usual argsort-based protocol.
 
-Two ways to call it:
+Three ways to call it:
 - ``retrieval_metrics(sim, caption_to_image)`` for a full (I, T) score matrix (sliced into chunks
   of queries internally, so the temporaries stay at (chunk_size, max(I, T)));
 - streaming, for an evaluator that never holds the matrix: compute each chunk of similarities
   from embeddings, pass it to ``i2t_ranks`` / ``t2i_ranks``, concatenate the ranks, and call
-  ``retrieval_metrics_from_ranks``.
+  ``retrieval_metrics_from_ranks``;
+- re-ranked, for a second stage that scores only each query's own top K (everything else ranks
+  behind them): ``topk_ranks`` from the (B, K) scores, never a (B, I) row.
 
 **The full relation** (ECCV Caption / CxC style): when a dataset knows every true image-caption
 match, not just the image each caption was written for, the same R@K and RSUM are computed with
@@ -136,6 +138,40 @@ def relation_ranks(sim_chunk: ArrayLike, positive: ArrayLike) -> np.ndarray:
     best = torch.where(pos, sim, neg_inf).amax(dim=1)  # (B,)
     beats = (sim >= best[:, None]) & ~pos  # (B, G)
     return beats.sum(dim=1).cpu().numpy().astype(np.int64)
+
+
+def topk_ranks(
+    scores: np.ndarray, positive: np.ndarray, n_positive: np.ndarray, n_gallery: int
+) -> np.ndarray:
+    """Return the (B,) int64 rank of each query's best positive when only its own top-K are scored.
+
+    ``scores`` (B, K) are each query's scores for its K candidates (distinct gallery items), every
+    other gallery item scoring -inf; ``positive`` (B, K) bool marks the candidates that truly
+    match; ``n_positive`` (B,) counts each query's true matches in the whole gallery of
+    ``n_gallery`` items. Equal to ``relation_ranks`` on the dense (B, G) rows without building
+    them: a query whose positives are all outside its top-K (or score -inf) ranks behind every
+    non-positive, ``n_gallery - n_positive``; otherwise ties with its best positive count
+    against it.
+    """
+    s = np.asarray(scores)  # (B, K)
+    pos = np.asarray(positive, dtype=bool)  # (B, K)
+    n_pos = np.asarray(n_positive, dtype=np.int64)  # (B,)
+    if s.ndim != 2 or pos.shape != s.shape or n_pos.shape != s.shape[:1]:
+        raise ValueError(
+            f"scores {s.shape} and positive {pos.shape} must be equal (B, K) and n_positive "
+            f"{n_pos.shape} must be (B,); pass one row per query"
+        )
+    if np.issubdtype(s.dtype, np.floating) and np.isnan(s).any():
+        raise ValueError("scores contains NaN scores; check the embeddings for NaN/inf first")
+    if (n_pos < 1).any():
+        bad = np.flatnonzero(n_pos < 1)[:5].tolist()
+        raise ValueError(
+            f"query rows {bad} of the chunk have no true match; the relation must hold every "
+            "labelled pair (drop queries without one before evaluating)"
+        )
+    best = np.where(pos, s, -np.inf).max(axis=1, initial=-np.inf)  # (B,)
+    beats = ((s >= best[:, None]) & ~pos).sum(axis=1)  # (B,)
+    return np.where(best == -np.inf, n_gallery - n_pos, beats).astype(np.int64)
 
 
 def relation_mask(
