@@ -261,12 +261,14 @@ def bare_train_setup(cfg):
     def refresh_seconds() -> float:
         """One refresh of the negative bank (the trainer's at every epoch start), timed."""
         from student.bank import make_bank, refresh_bank
+        from student.inputs import ImageBatches
 
         live = {m: cfg.negatives != "bank" for m in ("image", "caption")}
         bank = make_bank(model, loaded, ds, cfg, live, device)
         if bank is None:
             return 0.0
-        run = lambda: refresh_bank(bank, model, pixels, caption_inputs, planner, live, device, 0)  # noqa: E731
+        images = ImageBatches(pixels, cfg.num_workers, pin_memory=False)
+        run = lambda: refresh_bank(bank, model, images, caption_inputs, planner, live, device, 0)  # noqa: E731
         return _timed(run, device)[0]
 
     return model, optimizer, settings, epoch_inputs, device, refresh_seconds

@@ -82,23 +82,23 @@ def make_bank(model, loaded, ds, cfg, live: dict, device):
 
 
 @torch.no_grad()
-def refresh_bank(bank, model, pixels, caption_inputs, planner, live, device, step: int) -> None:
+def refresh_bank(bank, model, images, caption_inputs, planner, live, device, step: int) -> None:
     """Re-encode every training image and caption the bank serves (eval mode: no dropout, no
-    batch-norm statistics moved), so its rows are at most one refresh interval stale."""
+    batch-norm statistics moved), so its rows are at most one refresh interval stale.
+
+    ``images`` is a ``student.inputs.ImageBatches``: the images are decoded by its workers."""
     was_training = model.training
     model.eval()
     try:
         with autocast(device):
             if not live["image"]:
-                bank.refresh(
-                    "image",
-                    planner.images,
-                    lambda ids: model.encode_image(
-                        torch.stack([pixels[i] for i in ids.tolist()]).to(device), normalize=True
-                    ),
-                    planner.batch_size,
-                    step,
-                )
+                ids = np.asarray(planner.images, dtype=np.int64)
+                chunks = [
+                    ids[s : s + planner.batch_size] for s in range(0, len(ids), planner.batch_size)
+                ]
+                for chunk, px in zip(chunks, images.batches(chunks), strict=True):
+                    rows = model.encode_image(px.to(device), normalize=True)
+                    bank.write("image", chunk, rows.float(), step)
             if not live["caption"]:
                 bank.refresh(
                     "caption",

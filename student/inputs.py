@@ -28,6 +28,39 @@ class ImageFiles(torch.utils.data.Dataset):
             return self.preprocess(img.convert("RGB"))
 
 
+class _Chunks(torch.utils.data.Sampler):
+    """A batch sampler whose batches are set before each pass (the loader's workers persist)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ImageBatches:
+    """Batches of image rows (pixels or features), by id, decoded by worker processes that are
+    started once per run, not once per pass: ``batches(ids_per_batch)`` iterates the stacked
+    rows of each list of ids in order. One pass at a time per instance."""
+
+    def __init__(self, images: torch.utils.data.Dataset, workers: int, pin_memory: bool):
+        self._chunks = _Chunks()
+        self.loader = torch.utils.data.DataLoader(
+            images,
+            batch_sampler=self._chunks,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=pin_memory,
+        )
+
+    def batches(self, ids: list) -> torch.utils.data.dataloader._BaseDataLoaderIter:
+        self._chunks.batches = [np.asarray(b).tolist() for b in ids]
+        return iter(self.loader)
+
+
 class FeatureRows(torch.utils.data.Dataset):
     """Image id -> its row of precomputed frozen-tower features (F,)."""
 

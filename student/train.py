@@ -54,7 +54,7 @@ from student.distributed import (
     init_distributed,
     my_slice,
 )
-from student.inputs import ImageFiles, model_inputs
+from student.inputs import ImageBatches, ImageFiles, model_inputs
 from student.models import load_model, save_student
 from student.sampler import BatchPlanner, batch_lists
 from student.teacher_lookup import TeacherLookup, load_lookup
@@ -197,6 +197,10 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
         live = {m: negatives != "bank" or frozen[m] for m in ("image", "caption")}
         bank = make_bank(model, loaded, ds, cfg, live, env.device)
         workers = cfg.num_workers if isinstance(pixels, ImageFiles) else 0
+        pin = env.device.type == "cuda"
+        # decoding workers started once per run: one set feeds the steps, one the bank refresh
+        step_images = ImageBatches(pixels, workers, pin)
+        bank_images = ImageBatches(pixels, workers, pin) if bank is not None else None
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         t_start = time.time()
 
@@ -210,12 +214,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                 )
                 for b in batches
             ]
-            loader = torch.utils.data.DataLoader(
-                pixels,
-                batch_sampler=[my_slice(im, env).tolist() for im, _ in encoded],
-                num_workers=workers,
-                pin_memory=env.device.type == "cuda",
-            )
+            loader = step_images.batches([my_slice(im, env) for im, _ in encoded])
             sums, delivery, stale = {}, Delivery(), []
             bar = tqdm(
                 total=len(batches),
@@ -237,7 +236,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                     refresh_bank(
                         bank,
                         model,
-                        pixels,
+                        bank_images,
                         caption_inputs,
                         planner,
                         live,

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from pipeline.core import cache  # noqa: E402
 from pipeline.core.candidates import Embeddings, write_candidates  # noqa: E402
 from pipeline.core.dataset import Dataset  # noqa: E402
+from student.inputs import FeatureRows, ImageBatches  # noqa: E402
 from student.losses import LOSS_NAMES  # noqa: E402
 from student.models import build_from_cfg, load_model, save_student  # noqa: E402
 from student.sampler import BatchPlanner, batch_lists  # noqa: E402
@@ -413,6 +414,29 @@ def test_bad_options_name_the_flag(config, teacher_cache, tmp_path, change, matc
     with pytest.raises(ValueError, match=match.replace("(", "\\(")):
         train_student(cfg, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_decoding_workers_persist_and_change_nothing(config, teacher_cache, tmp_path):
+    """--num-workers 2: workers started once per run (steps and bank refresh, over 2 epochs and a
+    mid-epoch refresh) train the same weights as decoding in the main process."""
+    base = config(tmp_path / "a", teacher_scores=teacher_cache, epochs=2, bank_refresh=2)
+    train_student(base, progress=False)
+    train_student(dataclasses.replace(base, out=tmp_path / "b", num_workers=2), progress=False)
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_batches_follow_each_pass(workers):
+    """One loader for the run: every pass yields exactly the rows of the ids set for it."""
+    rows = FeatureRows(np.arange(20, dtype=np.float32).reshape(10, 2))
+    images = ImageBatches(rows, workers, pin_memory=False)
+    for ids in ([[0, 1], [2]], [[9], [3, 1, 0]], [np.array([4, 4])]):
+        got = list(images.batches(ids))
+        assert len(got) == len(ids)
+        for want, px in zip(ids, got, strict=True):
+            assert torch.equal(px, torch.stack([rows[i] for i in np.asarray(want).tolist()]))
 
 
 def test_existing_out_needs_resume_or_overwrite(config, tmp_path):
