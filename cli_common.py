@@ -51,8 +51,8 @@ ann_options = [
         "--nprobe",
         type=int,
         default=None,
-        help="IVF: lists searched per query [default: 32; with --target-recall the tuning "
-        "starts here, else at 1].",
+        help="IVF: lists searched per query [default: 32; --target-recall starts its tuning "
+        "here, else at 1].",
     ),
     click.option("--hnsw-m", type=int, default=None, help="HNSW: links per node [default: 32]."),
     click.option(
@@ -65,8 +65,8 @@ ann_options = [
         "--ef-search",
         type=int,
         default=None,
-        help="HNSW: candidate list size per query [default: 128; with --target-recall the tuning "
-        "starts here, else at k].",
+        help="HNSW: candidate list size per query [default: 128; --target-recall starts its "
+        "tuning here, else at k].",
     ),
 ]
 
