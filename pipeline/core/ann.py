@@ -144,10 +144,10 @@ def search_ann(
         for value in _ladder(start, top):
             set_knob(built, index, value, k)
             _, got = search_index(built, q[rows], k, chunk_size=chunk_size, warn=False)
-            tried.append({knob: value, "recall": recall_of(exact, got)})
-            recall = tried[-1]["recall"]
+            recall = recall_of(exact, got)
+            tried.append({knob: value, "recall": recall})
             log.info("%s %s=%d: recall@%d %.4f on %d queries", index, knob, value, k, recall, n)
-            if tried[-1]["recall"] >= settings.target_recall:
+            if recall >= settings.target_recall:
                 break
         reached = tried[-1]["recall"] >= settings.target_recall
         report |= {"target_recall": settings.target_recall, "reached": reached, "tried": tried}
@@ -156,7 +156,8 @@ def search_ann(
                 f"--target-recall {settings.target_recall} not reached: {index} recall@{k} is "
                 f"{tried[-1]['recall']:.4f} at its largest {knob}={tried[-1][knob]}; use "
                 "--index flat (exact), or build a finer index ("
-                + ("more --nlist" if index == "ivf" else "larger --hnsw-m / --ef-construction")
+                # IVF misses only where the GPU caps nprobe below nlist
+                + ("fewer --nlist" if index == "ivf" else "larger --hnsw-m / --ef-construction")
                 + ")"
             )
             log.warning(msg)
