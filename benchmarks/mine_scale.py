@@ -507,7 +507,9 @@ def write_lookup_section(rows: list[dict]) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
-    ap.add_argument("--queries", default="20000,100000", help="queries per mining run, a list")
+    ap.add_argument(
+        "--queries", default="20000", help="queries per mining run; a list: 20000,100000"
+    )
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--indexes", default="flat,ivf,hnsw")
     ap.add_argument("--data", default="mixture,random", help="mixture and/or random")
