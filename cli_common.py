@@ -39,6 +39,44 @@ precision_option = click.option(
     "weights cast [default: amp_bf16 on CUDA, fp32 elsewhere]. Recorded in the outputs.",
 )
 
+# Approximate-index settings, shared by mine-candidates (all) and encode (all but the target).
+ann_options = [
+    click.option(
+        "--nlist",
+        type=int,
+        default=None,
+        help="IVF: inverted lists [default: about sqrt(gallery size)].",
+    ),
+    click.option(
+        "--nprobe",
+        type=int,
+        default=None,
+        help="IVF: lists searched per query [default: 32; --target-recall starts its tuning "
+        "here, else at 1].",
+    ),
+    click.option("--hnsw-m", type=int, default=None, help="HNSW: links per node [default: 32]."),
+    click.option(
+        "--ef-construction",
+        type=int,
+        default=None,
+        help="HNSW: candidate list size while building [default: 80].",
+    ),
+    click.option(
+        "--ef-search",
+        type=int,
+        default=None,
+        help="HNSW: candidate list size per query [default: 128; --target-recall starts its "
+        "tuning here, else at k].",
+    ),
+]
+
+
+def ann_settings_options(fn):
+    """Decorate a command with the ann_options, in order."""
+    for option in reversed(ann_options):
+        fn = option(fn)
+    return fn
+
 
 def _positive(**values: int) -> None:
     for name, value in values.items():

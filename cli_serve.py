@@ -11,7 +11,14 @@ from pathlib import Path
 
 import click
 
-from cli_common import CONTEXT, _emit, device_option, json_option, precision_option
+from cli_common import (
+    CONTEXT,
+    _emit,
+    ann_settings_options,
+    device_option,
+    json_option,
+    precision_option,
+)
 
 # Every form of model spec student/models.py accepts (cli.py uses it too).
 STUDENT_HELP = (
@@ -38,8 +45,10 @@ def _student_option(required: bool):
     type=click.Choice(["flat", "ivf", "hnsw"]),
     default="flat",
     show_default=True,
-    help="FAISS index over the images: exact flat, or approximate ivf/hnsw for huge galleries.",
+    help="FAISS index over the images: exact flat, or approximate ivf/hnsw (see the README on "
+    "when they pay).",
 )
+@ann_settings_options
 @click.option("--batch-size", default=64, show_default=True, help="Encoding batch size.")
 @click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
 @device_option
@@ -51,7 +60,22 @@ def _student_option(required: bool):
 )
 @json_option
 def encode_cmd(
-    data, split, student, out, index, batch_size, seed, device, precision, overwrite, as_json
+    data,
+    split,
+    student,
+    out,
+    index,
+    nlist,
+    nprobe,
+    hnsw_m,
+    ef_construction,
+    ef_search,
+    batch_size,
+    seed,
+    device,
+    precision,
+    overwrite,
+    as_json,
 ):
     """Encode a split's images and captions and save a FAISS index of the images, for serving.
 
@@ -74,6 +98,11 @@ def encode_cmd(
         out=out,
         split=split,
         index=index,
+        nlist=nlist,
+        nprobe=nprobe,
+        hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
+        ef_search=ef_search,
         batch_size=batch_size,
         seed=seed,
         device=device,

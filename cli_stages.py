@@ -10,6 +10,7 @@ from cli_common import (
     CONTEXT,
     _emit,
     _positive,
+    ann_settings_options,
     device_option,
     json_option,
     overwrite_option,
@@ -34,8 +35,22 @@ student_option = click.option("--student", required=True, help=STUDENT_HELP)
     show_default=True,
     help="FAISS index: exact flat, or approximate ivf/hnsw (recall measured and printed).",
 )
+@ann_settings_options
+@click.option(
+    "--target-recall",
+    type=float,
+    default=None,
+    help="ivf/hnsw: double --nprobe / --ef-search until recall@k against exact search on 1000 "
+    "sampled queries reaches this (0 < R <= 1, e.g. 0.95); the setting and the recall go in the "
+    "manifest.",
+)
 @click.option("--batch-size", default=64, show_default=True, help="Encoding batch size.")
-@click.option("--seed", default=0, show_default=True, help="Seed (random init of `tiny`).")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    help="Seed (random init of `tiny`, the recall sample).",
+)
 @click.option(
     "--embeddings-from",
     type=click.Path(path_type=Path),
@@ -53,6 +68,12 @@ def mine_candidates(
     k,
     out,
     index,
+    nlist,
+    nprobe,
+    hnsw_m,
+    ef_construction,
+    ef_search,
+    target_recall,
     batch_size,
     seed,
     embeddings_from,
@@ -82,6 +103,12 @@ def mine_candidates(
         split=split,
         k=k,
         index=index,
+        nlist=nlist,
+        nprobe=nprobe,
+        hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
+        ef_search=ef_search,
+        target_recall=target_recall,
         batch_size=batch_size,
         seed=seed,
         device=device,
@@ -97,7 +124,9 @@ def mine_candidates(
         "k": k,
         "k_used": m["k_used"],
         "counts": m["counts"],
+        "index": m["index"],
         "index_recall": m["index_recall"],
+        "index_settings": {d: r["settings"] for d, r in m["index_search"].items()},
         "fingerprint": m["dataset"]["fingerprint"],
         "false_negatives": m.get("false_negatives"),
     }

@@ -139,6 +139,29 @@ def test_approximate_index_reports_recall(small_dataset, tmp_path):
     assert all(0.0 <= r <= 1.0 for r in summary["index_recall"].values())
 
 
+def test_target_recall_tunes_and_records_the_index(small_dataset, tmp_path):
+    """--target-recall tunes nprobe per direction; the manifest records the index, its settings
+    as used, the sampled recall (>= the target) and every setting tried; flat records 1.0."""
+    summary = mine(
+        small_dataset, tmp_path / "c", "--index", "ivf", "--nlist", "2", "--target-recall", "0.9"
+    )
+    manifest, _ = load_candidates(tmp_path / "c")
+    assert manifest["index"] == summary["index"] == "ivf"
+    assert manifest["config"]["target_recall"] == 0.9 and manifest["config"]["nlist"] == 2
+    for direction in ("i2t", "t2i"):
+        report = manifest["index_search"][direction]
+        assert report["settings"]["nlist"] == 2 and report["settings"]["nprobe"] in (1, 2)
+        assert report["reached"] and report["recall"] >= 0.9
+        assert report["recall"] == manifest["index_recall"][direction]
+        assert report["tried"][-1] == {
+            "nprobe": report["settings"]["nprobe"],
+            "recall": report["recall"],
+        }
+        assert summary["index_settings"][direction] == report["settings"]
+    flat = mine(small_dataset, tmp_path / "f", "--k", "3")
+    assert flat["index_recall"] == {"i2t": 1.0, "t2i": 1.0} and flat["index"] == "flat"
+
+
 def test_student_dir_spec(small_dataset, tmp_path):
     """A saved student directory is a model spec: it mines the same as the model it saved."""
     from student.models import TINY_MODEL_CFG, load_model, save_student
@@ -157,6 +180,15 @@ BAD_MINING = [
     (["--student", "NoSuchModel-B-99"], ["NoSuchModel-B-99"]),
     (["--batch-size", "0"], ["--batch-size", "must be >= 1"]),
     (["--embeddings-from", "/nonexistent/cand"], ["/nonexistent/cand", "does not exist"]),
+    (
+        ["--index", "ivf", "--target-recall", "1.5"],
+        ["--target-recall must be in (0, 1], got 1.5; e.g. 0.95"],
+    ),
+    (["--index", "ivf", "--nprobe", "0"], ["--nprobe must be >= 1, got 0"]),
+    (
+        ["--index", "hnsw", "--nlist", "8"],
+        ["--nlist applies to --index ivf, not hnsw; drop it or pass --index ivf"],
+    ),
 ]
 
 

@@ -73,10 +73,20 @@ def test_search_returns_the_exact_top_images(gallery):
     assert human.exit_code == 0 and human.output.count(".png") + human.output.count(".jpg") >= 2
 
 
+APPROXIMATE = {
+    "ivf": (["--nlist", "2", "--nprobe", "2"], {"nlist": 2, "nprobe": 2}),
+    "hnsw": (["--hnsw-m", "8", "--ef-search", "16"], {"hnsw_m": 8, "ef_search": 16}),
+}
+
+
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
 def test_approximate_index_finds_the_same_best_image(demo_dataset_master, gallery, tmp_path, index):
-    """An approximate index over the tiny gallery returns the exact index's best image."""
+    """An approximate index over the tiny gallery, built with the settings given, records and
+    saves them, and returns the exact index's best image."""
+    import faiss
+
     out = tmp_path / index
+    flags, want = APPROXIMATE[index]
     _json(
         run(
             "encode",
@@ -88,9 +98,14 @@ def test_approximate_index_finds_the_same_best_image(demo_dataset_master, galler
             out,
             "--index",
             index,
+            *flags,
             "--json",
         )
     )
+    recorded = json.loads((out / "gallery.json").read_text())["index_settings"]
+    assert {k: recorded[k] for k in want} == want
+    saved = faiss.read_index(str(out / "index.faiss"))
+    assert (saved.nprobe if index == "ivf" else saved.hnsw.efSearch) == list(want.values())[1]
     q = "a green triangle above a yellow circle"
     a = _json(run("search", out, q, "-k", "1", "--json"))["queries"][0]["results"]
     b = _json(run("search", gallery, q, "-k", "1", "--json"))["queries"][0]["results"]

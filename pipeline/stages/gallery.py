@@ -28,10 +28,11 @@ import polars as pl
 import torch
 
 from pipeline.core import atomic
+from pipeline.core.ann import AnnSettings
 from pipeline.core.candidates import EMBEDDING_FILES, Embeddings
 from pipeline.core.dataset import Dataset
 from pipeline.core.schemas import EMBEDDINGS_DIR
-from pipeline.core.search import INDEXES, build_index
+from pipeline.core.search import build_index, index_settings
 from pipeline.torchkit.encode import (
     encode_split,
     encode_texts,
@@ -57,6 +58,11 @@ class EncodeConfig:
     out: Path  # gallery dir to write
     split: str = "test"  # which split's images and captions
     index: str = "flat"  # faiss index over the images: flat (exact) | ivf | hnsw
+    nlist: int | None = None  # IVF lists; None: about sqrt(images)
+    nprobe: int | None = None  # IVF lists searched per query (saved in the index); None: 32
+    hnsw_m: int | None = None  # HNSW links per node; None: 32
+    ef_construction: int | None = None  # HNSW candidate list while building; None: 80
+    ef_search: int | None = None  # HNSW candidate list per query (saved in the index); None: 128
     batch_size: int = 64  # encoding batch size
     seed: int = 0  # torch seed, for the random init of `tiny`
     device: str | None = None  # None: CUDA when present, else CPU
@@ -70,8 +76,8 @@ def encode_gallery(cfg: EncodeConfig, progress: bool = True) -> dict:
     manifest."""
     from student.models import load_model
 
-    if cfg.index not in INDEXES:
-        raise ValueError(f"--index must be one of {', '.join(INDEXES)}, got '{cfg.index}'")
+    ann = AnnSettings(cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_construction, cfg.ef_search)
+    ann.check(cfg.index)  # bad index settings fail before any encoding
     atomic.check_out(cfg.out, cfg.overwrite, GALLERY_JSON)
     ds = Dataset.load(cfg.data)
     images, captions = ds.split(cfg.split)
@@ -88,7 +94,15 @@ def encode_gallery(cfg: EncodeConfig, progress: bool = True) -> dict:
     )
     import faiss
 
-    index = build_index(img, cfg.index)
+    index = build_index(
+        img,
+        cfg.index,
+        nlist=ann.nlist,
+        nprobe=ann.nprobe or 32,
+        hnsw_m=ann.hnsw_m or 32,
+        ef_construction=ann.ef_construction or 80,
+        ef_search=ann.ef_search or 128,
+    )
     paths = pl.DataFrame(
         {
             "image_id": emb.image_ids,
@@ -104,6 +118,7 @@ def encode_gallery(cfg: EncodeConfig, progress: bool = True) -> dict:
         "seed": cfg.seed,
         "precision": resolve_precision(device),
         "index": cfg.index,
+        "index_settings": index_settings(index, cfg.index),  # as built and saved
         "dim": int(img.shape[1]),
         "counts": {"images": len(img), "captions": len(cap)},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},

@@ -15,11 +15,11 @@ import pyarrow as pa
 import torch
 
 from pipeline.core import atomic
+from pipeline.core.ann import AnnSettings, search_ann
 from pipeline.core.candidates import Embeddings, load_embeddings, read_manifest, write_candidates
 from pipeline.core.dataset import Dataset
 from pipeline.core.relation import false_negative_rate
 from pipeline.core.schemas import CANDIDATES_JSON
-from pipeline.core.search import INDEXES, approximate_recall, topk_search
 from pipeline.torchkit.encode import (
     encode_split,
     pick_device,
@@ -38,6 +38,12 @@ class MineConfig:
     split: str = "train"  # which split's queries and gallery
     k: int = 32  # candidates kept per query, both directions
     index: str = "flat"  # flat (exact) | ivf | hnsw (approximate, recall measured and reported)
+    nlist: int | None = None  # IVF lists; None: about sqrt(gallery size)
+    nprobe: int | None = None  # IVF lists searched per query; None: 32, or 1 to start tuning
+    hnsw_m: int | None = None  # HNSW links per node; None: 32
+    ef_construction: int | None = None  # HNSW candidate list while building; None: 80
+    ef_search: int | None = None  # HNSW candidate list per query; None: 128, or k to start tuning
+    target_recall: float | None = None  # tune nprobe / ef_search to this sampled recall@k
     batch_size: int = 64  # encoding batch size
     seed: int = 0  # torch seed, for the random init of `tiny`
     device: str | None = None  # None: CUDA when present, else CPU
@@ -100,6 +106,17 @@ def _embed(
     return emb, identity
 
 
+def _ann(cfg: MineConfig) -> AnnSettings:
+    return AnnSettings(
+        nlist=cfg.nlist,
+        nprobe=cfg.nprobe,
+        hnsw_m=cfg.hnsw_m,
+        ef_construction=cfg.ef_construction,
+        ef_search=cfg.ef_search,
+        target_recall=cfg.target_recall,
+    )
+
+
 def _direction(
     name: str,
     queries,
@@ -109,11 +126,10 @@ def _direction(
     query_owner,
     gallery_owner,
     k: int,
-    index: str,
-) -> tuple[pa.Table, float | None]:
-    """One direction's candidate rows, plus the index's measured recall when approximate."""
-    scores, rows = topk_search(queries, gallery, k, index=index)  # (Q, K) each
-    recall = None if index == "flat" else approximate_recall(queries, gallery, k, rows)
+    cfg: MineConfig,
+) -> tuple[pa.Table, dict]:
+    """One direction's candidate rows, plus the search report (index, settings, recall)."""
+    scores, rows, report = search_ann(queries, gallery, k, cfg.index, _ann(cfg), seed=cfg.seed)
     found = rows >= 0  # an approximate index may return fewer than k
     q_idx = np.broadcast_to(np.arange(len(queries))[:, None], rows.shape)[found]
     cand = rows[found]
@@ -128,7 +144,7 @@ def _direction(
             "is_positive": query_owner[q_idx] == gallery_owner[cand],
         }
     )
-    return table, recall
+    return table, report
 
 
 @with_precision
@@ -136,8 +152,7 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
     """Encode the split, search both directions, write the candidates dir; return its manifest."""
     if cfg.k < 1:
         raise ValueError(f"--k must be >= 1, got {cfg.k}")
-    if cfg.index not in INDEXES:
-        raise ValueError(f"--index must be one of {', '.join(INDEXES)}, got '{cfg.index}'")
+    _ann(cfg).check(cfg.index)  # bad index settings fail before any encoding
     atomic.check_out(cfg.out, cfg.overwrite, CANDIDATES_JSON)
     ds = Dataset.load(cfg.data)
     images, captions = ds.split(cfg.split)
@@ -160,7 +175,7 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
                 cfg.split,
                 k_dir,
             )
-    i2t, rec_i2t = _direction(
+    i2t, search_i2t = _direction(
         "i2t",
         emb.image,
         emb.image_ids,
@@ -169,9 +184,9 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         image_owner,
         caption_owner,
         k_i2t,
-        cfg.index,
+        cfg,
     )
-    t2i, rec_t2i = _direction(
+    t2i, search_t2i = _direction(
         "t2i",
         emb.caption,
         emb.caption_ids,
@@ -180,17 +195,23 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         caption_owner,
         image_owner,
         k_t2i,
-        cfg.index,
+        cfg,
     )
-    recall = None if cfg.index == "flat" else {"i2t": rec_i2t, "t2i": rec_t2i}
+    search = {"i2t": search_i2t, "t2i": search_t2i}
+    recall = {d: r["recall"] for d, r in search.items()}
     false_negatives = None
     if ds.relation is not None:  # how many mined "negatives" the dataset knows to be matches
         cand = pl.from_arrow(pa.concat_tables([i2t, t2i]))
         false_negatives = false_negative_rate(cand, ds.relation)
         log.info("false negatives among mined non-positives: %s", false_negatives)
-    if recall:
+    if cfg.index != "flat":
         log.info(
-            "%s index recall@k vs exact search: i2t %.4f, t2i %.4f", cfg.index, rec_i2t, rec_t2i
+            "%s index recall@k vs exact search: i2t %.4f (%s), t2i %.4f (%s)",
+            cfg.index,
+            recall["i2t"],
+            search_i2t["settings"],
+            recall["t2i"],
+            search_t2i["settings"],
         )
 
     manifest = {
@@ -200,7 +221,8 @@ def mine_candidates(cfg: MineConfig, progress: bool = True) -> dict:
         "k": cfg.k,
         "k_used": {"i2t": k_i2t, "t2i": k_t2i},
         "index": cfg.index,
-        "index_recall": recall,
+        "index_recall": recall,  # per direction: sampled recall@k vs exact search (flat: 1.0)
+        "index_search": search,  # per direction: settings as used, recall sample, tuning, seconds
         "false_negatives": false_negatives,  # None: the dataset has no relation
         "counts": {
             "images": len(emb.image_ids),
