@@ -102,3 +102,32 @@ def strongest_control(
         if any(v is not None for v in val.get(n, []))
     }
     return max(means, key=means.get) if means else None
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: peak since reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def in_child(target, *args) -> dict:
+    """``target(*args, queue)`` in a fresh (spawned) process, so its peak RSS is its own; its
+    result, or an error if it died."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, out))
+    p.start()
+    while True:
+        try:
+            result = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():  # killed (out of memory?) or raised: its traceback is above
+                raise RuntimeError(f"{target.__name__} died (exit code {p.exitcode})") from None
+    p.join()
+    return result

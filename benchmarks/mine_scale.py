@@ -40,7 +40,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import queue
 import resource
 import shutil
 import sys
@@ -52,7 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import RESULTS, command, machine, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    command,
+    in_child,
+    machine,
+    status_kb,
+    write_result,
+)
 
 # Two-level mixture on the sphere; point noise is per coordinate / sqrt(D), so a point's cosine
 # to its sub-centre is about 1 / sqrt(1 + point_noise^2) = 0.71.
@@ -121,7 +127,7 @@ def _run(gallery_size: int, queries: int, k: int, index: str, data: str, target:
 
 
 def measure(gallery_size: int, queries: int, k: int, index: str, data: str, target: float) -> dict:
-    return _in_child(_run, gallery_size, queries, k, index, data, target)
+    return in_child(_run, gallery_size, queries, k, index, data, target)
 
 
 def mining_rows(args) -> list[dict]:
@@ -211,14 +217,6 @@ def mining_body(rows: list[dict], args) -> str:
 COCO_IMAGES = {"train": 113_287, "val": 5_000, "test": 5_000}  # Karpathy, restval in train
 CAPTIONS_PER_IMAGE = 5
 LOOKUP_HEADING = "## Teacher lookup at COCO scale"
-
-
-def _status_kb(field: str) -> int:
-    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: peak since reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _reset_peak() -> bool:
@@ -330,18 +328,18 @@ def _measure_lookup(
     from student.sampler import BatchPlanner, batch_lists
     from student.teacher_lookup import load_lookup
 
-    rss_start = _status_kb("VmRSS")
+    rss_start = status_kb("VmRSS")
     load_avg = os.getloadavg()[0]  # other processes on the machine slow every timing below
     t0 = time.perf_counter()
     ds = Dataset.load(data)
     dataset_s = time.perf_counter() - t0
-    rss_before = _status_kb("VmRSS")
+    rss_before = status_kb("VmRSS")
     exact = _reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     lookup = load_lookup(ds, hard_k, teacher_scores=cache_path)
     load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_after = _status_kb("VmRSS")
+    peak = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_after = status_kb("VmRSS")
     arrays = [lookup.pos_score, lookup.pos_prob, lookup.caption_owner]
     for lists in (lookup.i2t, lookup.t2i):
         arrays += [lists.offsets, lists.cand, lists.score, lists.prob]
@@ -403,23 +401,6 @@ def _measure_lookup(
     )
 
 
-def _in_child(target, *args) -> dict:
-    """``target(*args, queue)`` in a fresh process; its result, or an error if it died."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, out))
-    p.start()
-    while True:
-        try:
-            result = out.get(timeout=5)
-            break
-        except queue.Empty:
-            if not p.is_alive():  # killed (out of memory?) or raised: its traceback is above
-                raise RuntimeError(f"{target.__name__} died (exit code {p.exitcode})") from None
-    p.join()
-    return result
-
-
 def measure_lookup(
     scale: float, k: int, shards: int, hard_k: int, batch_size: int, steps: int, keep: str | None
 ) -> dict:
@@ -428,8 +409,8 @@ def measure_lookup(
     if keep and root.exists():
         shutil.rmtree(root)
     try:
-        written = _in_child(_write_lookup_data, str(root), scale, k, shards)
-        measured = _in_child(
+        written = in_child(_write_lookup_data, str(root), scale, k, shards)
+        measured = in_child(
             _measure_lookup, written["data"], written["cache"], hard_k, batch_size, steps
         )
     finally:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import queue
 import shutil
 import sys
 import tempfile
@@ -34,32 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import best_of, write_result  # noqa: E402
-
-
-def _status_kb(field: str) -> int:
-    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: peak since reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _in_child(target, *args) -> dict:
-    """``target(*args, queue)`` in a fresh process; its result, or an error if it died."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, out))
-    p.start()
-    while True:
-        try:
-            result = out.get(timeout=5)
-            break
-        except queue.Empty:
-            if not p.is_alive():
-                raise RuntimeError(f"{target.__name__} died (exit code {p.exitcode})") from None
-    p.join()
-    return result
+from benchmarks.common import best_of, in_child, status_kb, write_result  # noqa: E402
 
 
 def _prepare(root: str, n: int, k: int, out: mp.Queue) -> None:
@@ -140,14 +114,14 @@ def _rank(root: str, which: str, out: mp.Queue) -> None:
     args = (z["image"], z["caption"], z["owner"], z["top_c"], z["top_i"], scored)
     relation = (z["rel_i"], z["rel_c"])
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     t0 = time.perf_counter()
     if which == "before":
         metrics = before(*args, relation)
     else:
         metrics = reranked_metrics(*args, relation)
     seconds = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") - base
+    peak = status_kb("VmHWM") - base
     out.put({"seconds": round(seconds, 2), "peak_mb": round(peak / 1024), "metrics": metrics})
 
 
@@ -155,8 +129,8 @@ def measure_rerank(n: int, k: int) -> dict:
     """One row: the pair count, and seconds and peak MB of the ranking before and after."""
     root = tempfile.mkdtemp(prefix="rerank-")
     try:
-        prepared = _in_child(_prepare, root, n, k)
-        runs = {which: _in_child(_rank, root, which) for which in ("after", "before")}
+        prepared = in_child(_prepare, root, n, k)
+        runs = {which: in_child(_rank, root, which) for which in ("after", "before")}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if runs["before"]["metrics"] != runs["after"]["metrics"]:
