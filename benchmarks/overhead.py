@@ -278,20 +278,14 @@ def bare_train(model, optimizer, settings, steps, cfg, device) -> None:
     """The student's own work per step: forward, loss, backward, clip, AdamW, clamp."""
     from pipeline.torchkit.encode import autocast
     from student.batch_loss import step_loss
-    from student.train import MAX_LOGIT_SCALE
+    from student.train import optimize
 
     for px, tok, lists, pos in steps:
         with autocast(device):
             img, txt, scale = model(px, tok)[:3]
         sim = img.float() @ txt.float().t()  # (B, B)
         terms = step_loss(sim, scale.float(), len(px), lists, pos, settings)
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        optimize(model, optimizer, terms["total"], cfg.grad_clip)
 
 
 def train_side(data: Path, cache_path: Path, tmp: Path, args) -> dict:

@@ -90,6 +90,17 @@ def make_optimizer(model: torch.nn.Module, cfg: StudentTrainConfig) -> torch.opt
 
 
 @torch.no_grad()
+def optimize(model, optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, clip, step; the temperature is clamped as in open_clip."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
 def validate(
     model, loaded, ds: Dataset, device: torch.device, batch_size: int, cache: Path | None = None
 ) -> dict:
@@ -267,14 +278,7 @@ def train_student(cfg: StudentTrainConfig, progress: bool = True) -> dict:
                     sim, scale.float(), len(batch.images), lists, pos, settings, positive
                 )
 
-                # backward, clip, step; the temperature is clamped as in open_clip
-                optimizer.zero_grad(set_to_none=True)
-                terms["total"].backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                optimize(model, optimizer, terms["total"], cfg.grad_clip)
                 state["step"] += 1
 
                 # log: every loss term, and what the losses really received
