@@ -68,10 +68,14 @@ class TopKStream:
 
     def add(self, query: np.ndarray, cand: np.ndarray, score: np.ndarray, extra: np.ndarray):
         """Offer rows (R,) each: query id, candidate id (< 2**31), float32 score, float32 extra."""
-        query = np.asarray(query)
+        query, cand = np.asarray(query), np.asarray(cand)
         self.rows_seen += len(query)
         if not len(query):
             return
+        if cand.max() >= 2**31 or cand.min() < 0:
+            raise ValueError(
+                f"candidate ids must lie in [0, 2**31), got {cand.min()}..{cand.max()}"
+            )
         low = score_key(score)  # (R,)
         keep = low <= self.floor[query]  # equal to the floor: a tie, settled by candidate id
         if not keep.all():
@@ -92,7 +96,7 @@ class TopKStream:
         and the blocks are merged from the last to the first, each written over rows that were
         either its own (copied out first) or a later block's (already merged).
         """
-        if not self._pending:
+        if not self._pending or not self.num_queries:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
         key = np.concatenate([p[0] for p in pending])  # (P,)
@@ -144,7 +148,8 @@ class TopKStream:
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(offsets (Q+1,) int64, cand (E,) int64, score (E,) float32, extra (E,) float32) in CSR
-        form: query q's rows are ``offsets[q]:offsets[q + 1]``, best first."""
+        form: query q's rows are ``offsets[q]:offsets[q + 1]``, best first. Call it once: the
+        stream hands its arrays over."""
         self._merge()
         offsets = np.zeros(self.num_queries + 1, dtype=np.int64)
         np.cumsum(self.lens, out=offsets[1:])

@@ -84,3 +84,7 @@ def test_queries_without_rows_and_bad_k():
     assert offsets.tolist() == [0, 0, 0, 1, 1] and cand.tolist() == [9]
     with pytest.raises(ValueError, match="k must be >= 1"):
         TopKStream(4, 0)
+    with pytest.raises(ValueError, match=r"candidate ids must lie in \[0, 2\*\*31\)"):
+        TopKStream(4, 3).add(np.array([1]), np.array([2**31]), np.float32([0]), np.float32([0]))
+    offsets, cand, _, _ = TopKStream(0, 3).finish()  # no queries at all
+    assert offsets.tolist() == [0] and len(cand) == 0
