@@ -201,9 +201,10 @@ def load_lookup(
         # a cache root is fine too: its entry for this dataset is picked (core/cache_entry.py)
         entry = resolve_entry(teacher_scores, dataset.fingerprint)
         builder = LookupBuilder(owner, train_ids, n, hard_k, "teacher")
+        shard = None
         for shard in iter_scores(entry, dataset.fingerprint, columns=list(PAIR_COLUMNS)):
             builder.add(*(shard.column(c).to_numpy() for c in PAIR_COLUMNS))
-        del shard
+        shard = None  # the last shard's table goes too
         lookup = builder.finish()
         del builder
         release_free_memory()  # the build's freed buffers: nothing held beyond the lookup
